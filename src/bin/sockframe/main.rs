@@ -1,0 +1,2 @@
+//! The `sockframe` command-line tool.
+fn main() {}

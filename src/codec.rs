@@ -1,0 +1,116 @@
+//! [`TutorialCodec`]: the tutorial framing as a `tokio_util::codec` `Decoder` and `Encoder`.
+//!
+//! A thin adapter over the pure functions of [`crate::protocol::frame`]. It is public so that
+//! an application can put it on any byte stream with `tokio_util::codec::Framed`:
+//!
+//! ```
+//! use bytes::{Bytes, BytesMut};
+//! use sockframe::codec::TutorialCodec;
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = TutorialCodec::new();
+//! let mut wire = BytesMut::new();
+//! codec.encode(Bytes::from_static(b"hi"), &mut wire).unwrap();
+//! assert_eq!(&wire[..], b"\x02\x00\x00\x00hi");
+//! assert_eq!(codec.decode(&mut wire).unwrap().unwrap(), "hi");
+//! ```
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::Error;
+use crate::protocol::frame::{
+    DEFAULT_MAX_FRAME, FrameError, HEADER_LEN, check_header, encode_header,
+};
+
+/// Decodes and encodes tutorial frames (`[u32 LE length][payload]`).
+///
+/// Decoding yields each payload as a [`Bytes`] slice of the read buffer (no copy). A length
+/// above [`max_frame`](Self::max_frame) or with the top bit set is an error before any memory
+/// is reserved for the payload; once a valid header is seen, the buffer reserves room for the
+/// whole frame so it is read with few system calls.
+#[derive(Debug, Clone, Copy)]
+pub struct TutorialCodec {
+    /// Largest payload accepted when decoding and allowed when encoding.
+    max_frame: usize,
+}
+
+impl TutorialCodec {
+    /// A codec with the default maximum payload of 16 MiB ([`DEFAULT_MAX_FRAME`]).
+    pub fn new() -> Self {
+        Self::with_max_frame(DEFAULT_MAX_FRAME)
+    }
+
+    /// A codec that accepts and produces payloads of at most `max_frame` bytes (both
+    /// directions). Values above `i32::MAX` are clamped: the tutorial's peers read an `Int32`.
+    pub fn with_max_frame(max_frame: usize) -> Self {
+        Self {
+            max_frame: max_frame.min(i32::MAX as usize),
+        }
+    }
+
+    /// The largest payload this codec accepts.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+}
+
+impl Default for TutorialCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder for TutorialCodec {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        let Some(len) = check_header(src, self.max_frame)? else {
+            return Ok(None);
+        };
+        let total = HEADER_LEN + len;
+        if src.len() < total {
+            // The length is validated, so reserving for it is bounded by `max_frame`.
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        Ok(Some(src.split_to(len).freeze()))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        if let Some(frame) = self.decode(src)? {
+            return Ok(Some(frame));
+        }
+        if src.is_empty() {
+            return Ok(None);
+        }
+        let need = check_header(src, self.max_frame)?.map(|len| HEADER_LEN + len);
+        Err(FrameError::Truncated {
+            have: src.len(),
+            need,
+        }
+        .into())
+    }
+}
+
+impl Encoder<Bytes> for TutorialCodec {
+    type Error = Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), Error> {
+        self.encode(&item[..], dst)
+    }
+}
+
+impl Encoder<&[u8]> for TutorialCodec {
+    type Error = Error;
+
+    fn encode(&mut self, item: &[u8], dst: &mut BytesMut) -> Result<(), Error> {
+        let header = encode_header(item.len(), self.max_frame)?;
+        dst.reserve(HEADER_LEN + item.len());
+        dst.put_slice(&header);
+        dst.put_slice(item);
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! The library's error type.
+
+use std::io;
+
+use crate::protocol::FrameError;
+use crate::server::ClientId;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error on a socket.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The peer broke the framing rules (oversized or negative length, truncated frame).
+    #[error("protocol error: {0}")]
+    Frame(#[from] FrameError),
+    /// The client could not connect, after every attempt its backoff allowed.
+    #[error("cannot connect to {addr}: {}", describe_connect_error(.source))]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// How many connection attempts were made.
+        attempts: u32,
+        /// The error of the last attempt.
+        #[source]
+        source: io::Error,
+    },
+    /// The server could not listen on its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address to listen on.
+        addr: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// A send was made while disconnected, and the client is configured to fail at once.
+    #[error("not connected")]
+    NotConnected,
+    /// The client or server has been closed or shut down.
+    #[error("closed")]
+    Closed,
+    /// No client with this id is connected.
+    #[error("no connected client with id {0}")]
+    UnknownClient(ClientId),
+    /// The client's outgoing queue was full and the policy is to disconnect it.
+    #[error("client {0} is not reading fast enough; its queue was full and it was disconnected")]
+    SlowConsumer(ClientId),
+    /// Closing left queued messages that were never written to a connection.
+    #[error("{0} queued message(s) were not sent before the connection closed")]
+    Undelivered(usize),
+}
+
+/// A person-readable reason for a failed connect, with a hint for the common case.
+fn describe_connect_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => {
+            "connection refused (is `sockframe serve` running?)".to_string()
+        }
+        io::ErrorKind::TimedOut => "timed out".to_string(),
+        _ => crate::reason::plain_io_message(e),
+    }
+}

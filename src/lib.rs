@@ -1,0 +1,66 @@
+//! # sockframe
+//!
+//! Asynchronous TCP messaging between one server and many clients, wire-compatible with the
+//! framing of the C# "Asynchronous Socket" tutorial: each message is a 4-byte little-endian
+//! length followed by that many bytes.
+//!
+//! ## Layout
+//!
+//! - [`protocol`]: the wire format as pure functions over bytes (no I/O, no tokio).
+//! - [`codec`]: [`TutorialCodec`](codec::TutorialCodec), the framing as a `tokio_util` codec.
+//! - [`connection`]: [`Connection`](connection::Connection), buffered frames in and out over
+//!   any async byte stream; batching of writes lives here.
+//! - [`server`]: [`Server`](server::Server): accept loop, client registry, event stream,
+//!   send / broadcast / disconnect, graceful shutdown.
+//! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
+//!   send and receive.
+//! - [`DisconnectReason`], [`OutboxLimits`], [`FullPolicy`], [`Error`]: shared types.
+//!
+//! ## Example
+//!
+//! ```
+//! use sockframe::client::{Client, ClientConfig, ClientEvent};
+//! use sockframe::server::{Server, ServerConfig, ServerEvent};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> sockframe::Result<()> {
+//! // A server on a port the OS picks, echoing every message to its sender.
+//! let (server, mut events) = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap())).await?;
+//! let echo = server.clone();
+//! tokio::spawn(async move {
+//!     while let Some(event) = events.recv().await {
+//!         if let ServerEvent::Message { client, payload } = event {
+//!             let _ = echo.send(client, payload).await;
+//!         }
+//!     }
+//! });
+//!
+//! let mut client = Client::connect(ClientConfig::new(server.local_addr().to_string())).await?;
+//! client.send("hello").await?;
+//! loop {
+//!     match client.recv().await {
+//!         Some(ClientEvent::Message(payload)) => { assert_eq!(payload, "hello"); break; }
+//!         Some(_) => continue, // connected / disconnected notices
+//!         None => panic!("client closed"),
+//!     }
+//! }
+//! client.close().await?;
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod codec;
+pub mod connection;
+mod error;
+mod outbox;
+pub mod protocol;
+mod reason;
+pub mod server;
+
+pub use error::Error;
+pub use outbox::{FullPolicy, OutboxLimits};
+pub use reason::DisconnectReason;
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

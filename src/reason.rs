@@ -1,0 +1,94 @@
+//! [`DisconnectReason`]: why a connection ended, as both the server and the client report it.
+
+use std::fmt;
+use std::io;
+
+/// Why a connection ended.
+///
+/// Reported by [`ServerEvent::Disconnected`](crate::server::ServerEvent::Disconnected) and
+/// [`ClientEvent::Disconnected`](crate::client::ClientEvent::Disconnected). The `Display` form
+/// is the short lower-case text the CLI prints (`closed by peer`, `protocol error: …`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The peer closed the connection cleanly (end of stream between frames).
+    ClosedByPeer,
+    /// The connection was reset or aborted by the peer or the network.
+    Reset,
+    /// The server application disconnected this client ([`Server::disconnect`](crate::server::Server::disconnect)).
+    Kicked,
+    /// The peer broke the framing rules; the text says how.
+    Protocol(String),
+    /// The server is shutting down.
+    Shutdown,
+    /// The client's outgoing queue was full and the policy says to disconnect slow readers.
+    SlowConsumer,
+    /// The local application closed the connection ([`Client::close`](crate::client::Client::close)).
+    Closed,
+    /// Another I/O error; the text says which.
+    Io(String),
+}
+
+impl DisconnectReason {
+    /// Classifies an I/O error from a socket.
+    pub fn from_io(e: &io::Error) -> Self {
+        use io::ErrorKind::*;
+        match e.kind() {
+            ConnectionReset | ConnectionAborted | BrokenPipe => DisconnectReason::Reset,
+            UnexpectedEof => DisconnectReason::ClosedByPeer,
+            _ => DisconnectReason::Io(plain_io_message(e)),
+        }
+    }
+
+    /// Classifies a library error that ended a connection.
+    pub(crate) fn from_error(e: &crate::Error) -> Self {
+        match e {
+            crate::Error::Io(io) => Self::from_io(io),
+            crate::Error::Frame(f) => DisconnectReason::Protocol(f.to_string()),
+            other => DisconnectReason::Io(other.to_string()),
+        }
+    }
+
+    /// A short machine-friendly name: `closed_by_peer`, `protocol_error`, …
+    pub fn code(&self) -> &'static str {
+        match self {
+            DisconnectReason::ClosedByPeer => "closed_by_peer",
+            DisconnectReason::Reset => "reset",
+            DisconnectReason::Kicked => "kicked",
+            DisconnectReason::Protocol(_) => "protocol_error",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::Closed => "closed",
+            DisconnectReason::Io(_) => "io_error",
+        }
+    }
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::ClosedByPeer => f.write_str("closed by peer"),
+            DisconnectReason::Reset => f.write_str("reset"),
+            DisconnectReason::Kicked => f.write_str("kicked"),
+            DisconnectReason::Protocol(detail) => write!(f, "protocol error: {detail}"),
+            DisconnectReason::Shutdown => f.write_str("shutdown"),
+            DisconnectReason::SlowConsumer => f.write_str("slow consumer: outgoing queue full"),
+            DisconnectReason::Closed => f.write_str("closed"),
+            DisconnectReason::Io(detail) => write!(f, "i/o error: {detail}"),
+        }
+    }
+}
+
+/// An I/O error's message without the `(os error N)` suffix, starting lower-case.
+pub(crate) fn plain_io_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text[..],
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}

@@ -1,0 +1,67 @@
+//! [`ServerConfig`]: every limit and policy of a server, with its default.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::outbox::{FullPolicy, OutboxLimits};
+use crate::protocol::DEFAULT_MAX_FRAME;
+
+/// The tutorial's port.
+pub const DEFAULT_PORT: u16 = 1234;
+
+/// Configuration of a [`Server`](super::Server). Every field has a documented default
+/// ([`ServerConfig::default`]); set the ones you need.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:1234` (this machine only); use `0.0.0.0:1234`
+    /// or `[::]:1234` to be reachable from other machines; port 0 lets the OS choose.
+    pub bind: SocketAddr,
+    /// Largest payload accepted from or sent to a client. Default 16 MiB. A client announcing
+    /// a longer frame is disconnected with a protocol error before any memory is reserved.
+    pub max_frame: usize,
+    /// Most clients connected at once. Default 10,000. A connection over the limit is closed
+    /// as soon as it is accepted.
+    pub max_connections: usize,
+    /// Bounds of each client's outgoing queue. Default 1,024 messages and 8 MiB.
+    pub outbox: OutboxLimits,
+    /// What [`Server::send`](super::Server::send) does when the client's queue is full.
+    /// Default [`FullPolicy::Wait`].
+    pub send_policy: FullPolicy,
+    /// What a broadcast does for a client whose queue is full. Default
+    /// [`FullPolicy::Disconnect`]: one slow reader must not hold up everyone.
+    pub broadcast_policy: FullPolicy,
+    /// Capacity of the event stream. Default 1,024. When the application falls behind,
+    /// connections stop reading (TCP pushes back on the peers) instead of buffering.
+    pub event_capacity: usize,
+    /// How long a graceful close (shutdown, kick) may spend delivering queued messages and
+    /// waiting for the peer to close. Default 5 s.
+    pub drain_deadline: Duration,
+    /// Listen backlog. Default 1,024 (the OS default of 128 overflows under connect bursts).
+    pub backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            outbox: OutboxLimits::default(),
+            send_policy: FullPolicy::Wait,
+            broadcast_policy: FullPolicy::Disconnect,
+            event_capacity: 1024,
+            drain_deadline: Duration::from_secs(5),
+            backlog: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The default configuration listening on `bind`.
+    pub fn new(bind: SocketAddr) -> Self {
+        Self {
+            bind,
+            ..Self::default()
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The server: accepts clients, keeps a registry of them, and reports what they send as a
+//! stream of [`ServerEvent`]s.
+//!
+//! ```no_run
+//! use sockframe::server::{Server, ServerConfig, ServerEvent};
+//!
+//! # async fn run() -> sockframe::Result<()> {
+//! let (server, mut events) = Server::bind(ServerConfig::default()).await?;
+//! while let Some(event) = events.recv().await {
+//!     if let ServerEvent::Message { client, payload } = event {
+//!         server.send(client, payload).await?; // echo it back
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Each connection runs in its own task; the accept loop never waits on a client. Per client
+//! there is one bounded outgoing queue ([`OutboxLimits`](crate::OutboxLimits)), so a client
+//! that stops reading costs at most its queue's bytes and never delays the others.
+
+mod config;
+mod registry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{DEFAULT_PORT, ServerConfig};
+pub use registry::{ClientId, ClientInfo};
+
+use crate::connection::{Drive, drive};
+use crate::outbox::{FullPolicy, TrySendError, outbox};
+use crate::reason::DisconnectReason;
+use crate::{Error, Result};
+use registry::{ClientHandle, Registry};
+
+/// Something that happened on the server, in the order it happened per client: `Connected`
+/// first, then that client's messages in the order sent, then `Disconnected` last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A client connected.
+    Connected {
+        /// Its id.
+        client: ClientId,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A client sent a message.
+    Message {
+        /// The sender.
+        client: ClientId,
+        /// The payload, exactly as framed on the wire.
+        payload: Bytes,
+    },
+    /// A client's connection ended.
+    Disconnected {
+        /// The client that left.
+        client: ClientId,
+        /// Why.
+        reason: DisconnectReason,
+    },
+}
+
+/// The stream of [`ServerEvent`]s. It ends (`recv` returns `None`) after a shutdown, once
+/// every connection has ended.
+///
+/// Keep receiving: when the stream is full, connections stop reading from their sockets.
+/// Dropping it is allowed; messages are then discarded.
+#[derive(Debug)]
+pub struct ServerEvents {
+    rx: mpsc::Receiver<ServerEvent>,
+}
+
+impl ServerEvents {
+    /// The next event; `None` once the server has shut down and every connection has ended.
+    pub async fn recv(&mut self) -> Option<ServerEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is ready now.
+    pub fn try_recv(&mut self) -> Option<ServerEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// A handle on a running server; cheap to clone. Dropping every handle does not stop the
+/// server: call [`shutdown`](Self::shutdown).
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ServerConfig,
+    local_addr: SocketAddr,
+    registry: Arc<Registry>,
+    /// Fired by `shutdown`; each connection's close token is a child of it.
+    shutdown: CancellationToken,
+    /// Tracks the accept loop and every connection task.
+    tasks: TaskTracker,
+}
+
+impl Server {
+    /// Listens on `config.bind` and starts accepting clients.
+    pub async fn bind(config: ServerConfig) -> Result<(Server, ServerEvents)> {
+        let listener = listen(config.bind, config.backlog).map_err(|source| Error::Bind {
+            addr: config.bind.to_string(),
+            source,
+        })?;
+        Self::from_listener(listener, config)
+    }
+
+    /// Serves clients accepted from an existing listener (`config.bind` is ignored).
+    pub fn from_listener(
+        listener: TcpListener,
+        config: ServerConfig,
+    ) -> Result<(Server, ServerEvents)> {
+        let local_addr = listener.local_addr()?;
+        let (events_tx, rx) = mpsc::channel(config.event_capacity.max(1));
+        let inner = Arc::new(Inner {
+            config,
+            local_addr,
+            registry: Arc::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        inner
+            .tasks
+            .spawn(accept_loop(inner.clone(), listener, events_tx));
+        tracing::info!(addr = %local_addr, "listening");
+        Ok((Server { inner }, ServerEvents { rx }))
+    }
+
+    /// The address the server listens on (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// Queues `msg` for one client, following [`ServerConfig::send_policy`] when its queue
+    /// is full. Returns once queued (not once written).
+    pub async fn send(&self, client: ClientId, msg: impl Into<Bytes>) -> Result<()> {
+        let msg = self.checked(msg.into())?;
+        let handle = self
+            .inner
+            .registry
+            .get(client)
+            .ok_or(Error::UnknownClient(client))?;
+        deliver(&handle, msg, self.inner.config.send_policy).await
+    }
+
+    /// Queues `msg` for every connected client; returns how many it was queued for.
+    ///
+    /// One buffer is shared by all recipients (no copy per client). A client whose queue is
+    /// full is handled by [`ServerConfig::broadcast_policy`]; with `Wait`, the full ones are
+    /// waited on together, after the others already have the message.
+    pub async fn broadcast(&self, msg: impl Into<Bytes>) -> Result<usize> {
+        self.broadcast_filtered(msg.into(), None).await
+    }
+
+    /// Like [`broadcast`](Self::broadcast), to everyone except `except` (typically the
+    /// sender of a chat line).
+    pub async fn broadcast_except(&self, except: ClientId, msg: impl Into<Bytes>) -> Result<usize> {
+        self.broadcast_filtered(msg.into(), Some(except)).await
+    }
+
+    async fn broadcast_filtered(&self, msg: Bytes, except: Option<ClientId>) -> Result<usize> {
+        let msg = self.checked(msg)?;
+        let policy = self.inner.config.broadcast_policy;
+        let mut delivered = 0;
+        let mut waiting = Vec::new();
+        for handle in self.inner.registry.all() {
+            if Some(handle.id) == except {
+                continue;
+            }
+            match handle.outbox.try_send(msg.clone()) {
+                Ok(()) => delivered += 1,
+                Err(TrySendError::Closed) => {}
+                Err(TrySendError::Full) => match policy {
+                    FullPolicy::Disconnect => slow_consumer(&handle),
+                    FullPolicy::Wait => waiting.push(handle),
+                },
+            }
+        }
+        let waited = join_all(waiting.iter().map(|h| h.outbox.send(msg.clone()))).await;
+        delivered += waited.iter().filter(|r| r.is_ok()).count();
+        Ok(delivered)
+    }
+
+    /// Disconnects a client with reason `kicked`, after delivering what is already queued for
+    /// it (bounded by [`ServerConfig::drain_deadline`]). Returns `false` if no such client.
+    pub fn disconnect(&self, client: ClientId) -> bool {
+        match self.inner.registry.get(client) {
+            Some(handle) => {
+                handle.close_with(DisconnectReason::Kicked, true);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every connected client, ordered by id.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let mut all: Vec<_> = self.inner.registry.all().iter().map(|h| h.info()).collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// One connected client.
+    pub fn client(&self, client: ClientId) -> Option<ClientInfo> {
+        self.inner.registry.get(client).map(|h| h.info())
+    }
+
+    /// Shuts down gracefully: stops accepting, delivers what is queued to each client
+    /// (bounded by [`ServerConfig::drain_deadline`]), closes every connection with reason
+    /// `shutdown`, and returns when every connection task has ended.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has been called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    fn checked(&self, msg: Bytes) -> Result<Bytes> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        crate::protocol::encode_header(msg.len(), self.inner.config.max_frame)?;
+        Ok(msg)
+    }
+}
+
+/// Queues `msg` for one client under `policy`.
+async fn deliver(handle: &ClientHandle, msg: Bytes, policy: FullPolicy) -> Result<()> {
+    match handle.outbox.send_with(msg, policy).await {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Closed) => Err(Error::UnknownClient(handle.id)),
+        Err(TrySendError::Full) => {
+            slow_consumer(handle);
+            Err(Error::SlowConsumer(handle.id))
+        }
+    }
+}
+
+fn slow_consumer(handle: &ClientHandle) {
+    tracing::warn!(client = %handle.id, "outgoing queue full; disconnecting slow client");
+    handle.close_with(DisconnectReason::SlowConsumer, false);
+}
+
+/// A listener with a backlog larger than `TcpListener::bind`'s 128.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Lets a restarted server bind again while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sender<ServerEvent>) {
+    let limit = Arc::new(Semaphore::new(inner.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: per-connection errors that clear
+                // up. Pause briefly so the loop does not spin while they last.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%addr, limit = inner.config.max_connections, "connection limit reached; refusing");
+            drop(stream);
+            continue;
+        };
+        let inner2 = inner.clone();
+        let events = events.clone();
+        inner.tasks.spawn(async move {
+            serve_client(inner2, stream, addr, events).await;
+            drop(permit);
+        });
+    }
+    tracing::info!("stopped accepting");
+}
+
+/// Runs one client's connection from registration to the `Disconnected` event.
+async fn serve_client(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    events: mpsc::Sender<ServerEvent>,
+) {
+    // Our writes are batched already; Nagle's algorithm would only add latency.
+    let _ = stream.set_nodelay(true);
+    let (outbox_tx, mut outbox_rx) = outbox(inner.config.outbox);
+    let registration = inner
+        .registry
+        .register(addr, outbox_tx, inner.shutdown.child_token());
+    let handle = registration.handle.clone();
+    let client = handle.id;
+    tracing::debug!(%client, %addr, "connected");
+    let _ = events.send(ServerEvent::Connected { client, addr }).await;
+
+    let reason = drive(
+        stream,
+        Drive {
+            max_frame: inner.config.max_frame,
+            outbox: &mut outbox_rx,
+            events: &events,
+            to_event: |payload| ServerEvent::Message { client, payload },
+            traffic: &handle.traffic,
+            close: &handle.close,
+            close_order: || handle.close_order(),
+            drain_deadline: inner.config.drain_deadline,
+        },
+    )
+    .await
+    .reason;
+    // Unregister before reporting, so `clients()` never lists a client already reported gone.
+    drop(registration);
+    tracing::debug!(%client, %reason, "disconnected");
+    let event = ServerEvent::Disconnected { client, reason };
+    if inner.shutdown.is_cancelled() {
+        // Do not let an application that stopped reading events hold up shutdown forever.
+        let _ = tokio::time::timeout(inner.config.drain_deadline, events.send(event)).await;
+    } else {
+        let _ = events.send(event).await;
+    }
+}
+
+/// Number of connected clients (for tests and metrics).
+impl Server {
+    /// How many clients are connected right now.
+    pub fn client_count(&self) -> usize {
+        self.inner.registry.len()
+    }
+}
