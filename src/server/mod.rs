@@ -218,6 +218,11 @@ impl Server {
         all
     }
 
+    /// How many clients are connected right now.
+    pub fn client_count(&self) -> usize {
+        self.inner.registry.len()
+    }
+
     /// One connected client.
     pub fn client(&self, client: ClientId) -> Option<ClientInfo> {
         self.inner.registry.get(client).map(|h| h.info())
@@ -326,7 +331,7 @@ async fn serve_client(
     let handle = registration.handle.clone();
     let client = handle.id;
     tracing::debug!(%client, %addr, "connected");
-    let _ = events.send(ServerEvent::Connected { client, addr }).await;
+    emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
 
     let reason = drive(
         stream,
@@ -346,19 +351,19 @@ async fn serve_client(
     // Unregister before reporting, so `clients()` never lists a client already reported gone.
     drop(registration);
     tracing::debug!(%client, %reason, "disconnected");
-    let event = ServerEvent::Disconnected { client, reason };
-    if inner.shutdown.is_cancelled() {
-        // Do not let an application that stopped reading events hold up shutdown forever.
-        let _ = tokio::time::timeout(inner.config.drain_deadline, events.send(event)).await;
-    } else {
-        let _ = events.send(event).await;
-    }
+    emit(&inner, &events, ServerEvent::Disconnected { client, reason }).await;
 }
 
-/// Number of connected clients (for tests and metrics).
-impl Server {
-    /// How many clients are connected right now.
-    pub fn client_count(&self) -> usize {
-        self.inner.registry.len()
+/// Sends a connection event, waiting while the application catches up, but once a shutdown
+/// has begun for at most the drain deadline: an application that stopped reading events must
+/// not hold up shutdown forever.
+async fn emit(inner: &Inner, events: &mpsc::Sender<ServerEvent>, event: ServerEvent) {
+    let give_up = async {
+        inner.shutdown.cancelled().await;
+        tokio::time::sleep(inner.config.drain_deadline).await;
+    };
+    tokio::select! {
+        _ = events.send(event) => {}
+        _ = give_up => tracing::debug!("event stream full during shutdown; event dropped"),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sockframe::client::{ClientEvent, Client};
+use sockframe::client::{Client, ClientEvent};
 use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
 
 /// Upper bound for any single wait in a test: generous for a loaded 2-core machine, but a
