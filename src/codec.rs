@@ -23,12 +23,16 @@ use crate::protocol::frame::{
     DEFAULT_MAX_FRAME, FrameError, HEADER_LEN, check_header, encode_header,
 };
 
+/// Most the read buffer grows by at once while a frame is arriving: 1 MiB plus a header, so
+/// a 1 MiB message still needs only one reservation.
+const RESERVE_STEP: usize = 1024 * 1024 + HEADER_LEN;
+
 /// Decodes and encodes tutorial frames (`[u32 LE length][payload]`).
 ///
 /// Decoding yields each payload as a [`Bytes`] slice of the read buffer (no copy). A length
 /// above [`max_frame`](Self::max_frame) or with the top bit set is an error before any memory
 /// is reserved for the payload; once a valid header is seen, the buffer reserves room for the
-/// whole frame so it is read with few system calls.
+/// rest of the frame (in steps of at most 1 MiB) so it is read with few system calls.
 #[derive(Debug, Clone, Copy)]
 pub struct TutorialCodec {
     /// Largest payload accepted when decoding and allowed when encoding.
@@ -71,8 +75,10 @@ impl Decoder for TutorialCodec {
         };
         let total = HEADER_LEN + len;
         if src.len() < total {
-            // The length is validated, so reserving for it is bounded by `max_frame`.
-            src.reserve(total - src.len());
+            // Reserve for the rest of the frame so it is read with few system calls, but in
+            // steps: a peer that announces a large frame and then stalls gets address space
+            // only as its bytes actually arrive.
+            src.reserve((total - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         src.advance(HEADER_LEN);

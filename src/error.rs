@@ -27,7 +27,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The server could not listen on its address.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {}", crate::reason::plain_io_message(.source))]
     Bind {
         /// The address to listen on.
         addr: String,

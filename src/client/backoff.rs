@@ -23,8 +23,8 @@ pub struct Backoff {
     pub jitter: bool,
     /// Give up after this many attempts. Default: no limit.
     pub max_attempts: Option<u32>,
-    /// Give up once this much time has passed since the first attempt. Default 10 s for the
-    /// first connection; see [`ClientConfig`](super::ClientConfig) for reconnects.
+    /// Give up once this much time has passed since the first attempt. Default 10 s
+    /// (`ClientConfig::reconnect_backoff` sets none).
     pub deadline: Option<Duration>,
 }
 

@@ -44,9 +44,14 @@ pub struct ClientConfig {
     pub addr: String,
     /// Largest payload sent or accepted. Default 16 MiB.
     pub max_frame: usize,
-    /// Spacing and limits of connection attempts, for the first connection and each
-    /// reconnect. Default: 100 ms doubling to 5 s, with jitter, for up to 10 s.
+    /// Spacing and limits of the attempts to make the first connection
+    /// ([`Client::connect`]). Default: 100 ms doubling to 5 s, with jitter, for up to 10 s.
     pub backoff: Backoff,
+    /// Spacing and limits of the attempts to reconnect after a drop (with
+    /// [`reconnect`](Self::reconnect) on); the limits count from the drop. Default: 100 ms
+    /// doubling to 5 s, with jitter, with no limit: a client told to reconnect keeps trying
+    /// until it is closed.
+    pub reconnect_backoff: Backoff,
     /// Longest a single connection attempt may take. Default 5 s.
     pub connect_timeout: Duration,
     /// Reconnect automatically after the connection drops. Default off.
@@ -69,6 +74,10 @@ impl ClientConfig {
             addr: addr.into(),
             max_frame: DEFAULT_MAX_FRAME,
             backoff: Backoff::default(),
+            reconnect_backoff: Backoff {
+                deadline: None,
+                ..Backoff::default()
+            },
             connect_timeout: Duration::from_secs(5),
             reconnect: false,
             outbox: OutboxLimits::default(),
@@ -139,7 +148,7 @@ impl Client {
     /// the background task. Fails with [`Error::Connect`] once the backoff gives up.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         let close = CancellationToken::new();
-        let stream = connect_with_backoff(&config, None, &close).await?;
+        let stream = connect_with_backoff(&config, &config.backoff, None, &close).await?;
         let (outbox_tx, outbox_rx) = outbox(config.outbox);
         let (events_tx, events) = mpsc::channel(config.event_capacity.max(1));
         let shared = Arc::new(Shared {
@@ -246,11 +255,16 @@ async fn run(
     let traffic = Traffic::default();
     let result = loop {
         let _ = stream.set_nodelay(true);
+        // Mark connected before announcing it, so an application that sees `Connected` can
+        // send at once; never overwrite CLOSED (close and drop race with this task).
+        let _ = shared.state.compare_exchange(
+            DISCONNECTED,
+            CONNECTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         if let Ok(addr) = stream.peer_addr() {
             let _ = events.send(ClientEvent::Connected { addr }).await;
-        }
-        if shared.state.load(Ordering::Acquire) != CLOSED {
-            shared.state.store(CONNECTED, Ordering::Release);
         }
         let outcome = drive(
             stream,
@@ -271,9 +285,12 @@ async fn run(
             },
         )
         .await;
-        if shared.state.load(Ordering::Acquire) != CLOSED {
-            shared.state.store(DISCONNECTED, Ordering::Release);
-        }
+        let _ = shared.state.compare_exchange(
+            CONNECTED,
+            DISCONNECTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         tracing::debug!(reason = %outcome.reason, "disconnected");
         let _ = events
             .send(ClientEvent::Disconnected {
@@ -291,9 +308,16 @@ async fn run(
             };
         }
         if !config.reconnect {
-            break Ok(());
+            break undelivered(&outbox);
         }
-        match connect_with_backoff(config, Some(&events), &shared.close).await {
+        match connect_with_backoff(
+            config,
+            &config.reconnect_backoff,
+            Some(&events),
+            &shared.close,
+        )
+        .await
+        {
             Ok(s) => stream = s,
             Err(Error::Closed) => break undelivered(&outbox),
             Err(e) => {
@@ -317,10 +341,10 @@ fn undelivered(outbox: &OutboxReceiver) -> Result<()> {
 /// announced and preceded by its delay; without, the first attempt is immediate.
 async fn connect_with_backoff(
     config: &ClientConfig,
+    backoff: &Backoff,
     events: Option<&mpsc::Sender<ClientEvent>>,
     close: &CancellationToken,
 ) -> Result<TcpStream> {
-    let backoff = &config.backoff;
     let start = Instant::now();
     let deadline = backoff.deadline.map(|d| start + d);
     let mut attempt: u32 = 0;

@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -305,12 +305,13 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sen
             drop(stream);
             continue;
         };
-        let inner2 = inner.clone();
-        let events = events.clone();
-        inner.tasks.spawn(async move {
-            serve_client(inner2, stream, addr, events).await;
-            drop(permit);
-        });
+        inner.tasks.spawn(serve_client(
+            inner.clone(),
+            stream,
+            addr,
+            events.clone(),
+            permit,
+        ));
     }
     tracing::info!("stopped accepting");
 }
@@ -321,6 +322,7 @@ async fn serve_client(
     stream: TcpStream,
     addr: SocketAddr,
     events: mpsc::Sender<ServerEvent>,
+    permit: OwnedSemaphorePermit,
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
@@ -348,10 +350,17 @@ async fn serve_client(
     )
     .await
     .reason;
-    // Unregister before reporting, so `clients()` never lists a client already reported gone.
+    // Unregister and free the connection slot before reporting, so that `clients()` never
+    // lists a client already reported gone and a client may reconnect as soon as it is.
     drop(registration);
+    drop(permit);
     tracing::debug!(%client, %reason, "disconnected");
-    emit(&inner, &events, ServerEvent::Disconnected { client, reason }).await;
+    emit(
+        &inner,
+        &events,
+        ServerEvent::Disconnected { client, reason },
+    )
+    .await;
 }
 
 /// Sends a connection event, waiting while the application catches up, but once a shutdown

@@ -1,2 +1,63 @@
-//! The `sockframe` command-line tool.
-fn main() {}
+//! `sockframe`: a command-line server and client for the tutorial's framing (a 4-byte
+//! little-endian length, then the payload).
+
+mod connect;
+mod input;
+mod output;
+mod parse;
+mod send;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+/// Asynchronous TCP messaging, one server and many clients, with 4-byte length framing.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a server: print client events on stdout, take commands on stdin
+    Serve(serve::Args),
+    /// Connect interactively: send each stdin line, print each message received
+    Connect(connect::Args),
+    /// Send messages, wait until they are delivered, and exit
+    Send(send::Args),
+}
+
+/// Runs one subcommand; any error becomes one `error: ...` line on stderr and exit code 1.
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Connect(args) => connect::run(args).await,
+        Command::Send(args) => send::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // Our stdout was piped into `head` or the like, which has read all it wanted.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", output::error_message(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! `sockframe serve`: runs a server, prints what happens on stdout, and takes commands on
+//! stdin.
+//!
+//! Output, one line per event (or one JSON object per line with `--json`):
+//!
+//! ```text
+//! connected 1 127.0.0.1:50412
+//! message 1 hello
+//! disconnected 1 closed by peer
+//! ```
+//!
+//! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
+//! `help`. The text is sent as typed, byte for byte (no escapes are interpreted).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use serde_json::Value;
+use sockframe::server::{ClientId, ClientInfo, Server, ServerConfig, ServerEvent};
+use tokio::sync::mpsc;
+
+use crate::input::{self, Line};
+use crate::output::{self, json_object, print_line};
+use crate::parse;
+
+/// The commands `serve` reads on stdin, for `help` and error messages.
+const USAGE: &str = "commands: send <id> <text> | broadcast <text> | list | kick <id> | help";
+
+/// Arguments of `sockframe serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on; port 0 lets the OS choose. The address actually bound is printed
+    /// on stderr as `listening on ADDR`
+    #[arg(long, value_name = "ADDR", default_value_t = ServerConfig::default().bind)]
+    bind: SocketAddr,
+    /// Largest message accepted or sent, in bytes, optionally with a suffix: KiB, MiB, GiB
+    /// (1024-based) or KB, MB, GB [default: 16MiB]
+    #[arg(long, value_name = "BYTES", value_parser = frame_size)]
+    max_frame: Option<usize>,
+    /// Most clients connected at once; more are closed as soon as they are accepted
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = ServerConfig::default().max_connections as u64,
+        value_parser = clap::value_parser!(u64).range(1..),
+    )]
+    max_conns: u64,
+    /// Print events and `list` replies as JSON objects, one per line
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--max-frame`: a size the tutorial's signed 32-bit length can express.
+fn frame_size(s: &str) -> Result<usize, String> {
+    let max = i32::MAX as usize;
+    match parse::size(s)? {
+        n if n > max => Err(format!(
+            "{n} bytes is more than a frame can hold (at most {max}: the length is a signed 32-bit integer)"
+        )),
+        n => Ok(n),
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then shuts it down gracefully and returns once
+/// every client's `disconnected` line is printed.
+pub async fn run(args: Args) -> Result<()> {
+    let mut config = ServerConfig::new(args.bind);
+    if let Some(max) = args.max_frame {
+        config.max_frame = max;
+    }
+    config.max_connections = usize::try_from(args.max_conns).unwrap_or(usize::MAX);
+    let print = Printer { json: args.json };
+
+    // Before the `listening on` line: whoever reads it may signal us right away.
+    let mut signals = Signals::new().context("failed to install signal handlers")?;
+    // No added context: the library's error already reads "cannot listen on ADDR: ...".
+    let (server, mut events) = Server::bind(config).await?;
+    eprintln!("listening on {}", server.local_addr());
+    if io::IsTerminal::is_terminal(&io::stdin()) {
+        eprintln!("{USAGE}");
+    }
+
+    // Commands run in their own task: `send` may wait for a slow client's queue, and events
+    // must keep flowing meanwhile (connections stop reading when the event stream is full).
+    let lines = input::lines().context("failed to start reading stdin")?;
+    let mut commands = tokio::spawn(run_commands(server.clone(), lines, print));
+    let mut commands_done = false;
+    let mut shutdown = None;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => print_line(&print.event(&event)).context("failed to write to stdout")?,
+                None if shutdown.is_some() => break,
+                None => bail!("the server stopped unexpectedly"),
+            },
+            () = signals.recv() => {
+                if shutdown.is_some() {
+                    bail!("interrupted again; stopped without waiting for clients to disconnect");
+                }
+                eprintln!("shutting down");
+                commands.abort();
+                // Shutdown waits for every connection to end, and each one ends by sending
+                // its `Disconnected` event, so this loop keeps receiving meanwhile.
+                let server = server.clone();
+                shutdown = Some(tokio::spawn(async move { server.shutdown().await }));
+            }
+            joined = &mut commands, if !commands_done => {
+                commands_done = true;
+                match joined {
+                    Ok(result) => result?,
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => return Err(e).context("the command reader failed"),
+                }
+            }
+        }
+    }
+    if let Some(shutdown) = shutdown {
+        shutdown.await.context("failed to shut down")?;
+    }
+    Ok(())
+}
+
+/// Reads and runs commands until the end of stdin. Returns an error only when stdout fails;
+/// a bad command is reported on stderr and the next one read.
+async fn run_commands(
+    server: Server,
+    mut lines: mpsc::Receiver<Line>,
+    print: Printer,
+) -> Result<()> {
+    while let Some(line) = lines.recv().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                eprintln!("error: failed to read stdin: {e}; no more commands will be read");
+                break;
+            }
+        };
+        match Command::parse(&line) {
+            Ok(Some(command)) => command
+                .execute(&server, print)
+                .await
+                .context("failed to write to stdout")?,
+            Ok(None) => {}
+            Err(message) => eprintln!("error: {message}"),
+        }
+    }
+    // End of stdin is not a reason to stop: the server may run detached from any input.
+    Ok(())
+}
+
+/// One line of input to `serve`.
+#[derive(Debug, PartialEq, Eq)]
+enum Command<'a> {
+    /// `send <id> <text>`
+    Send(ClientId, &'a [u8]),
+    /// `broadcast <text>`
+    Broadcast(&'a [u8]),
+    /// `list`
+    List,
+    /// `kick <id>`
+    Kick(ClientId),
+    /// `help`
+    Help,
+}
+
+impl<'a> Command<'a> {
+    /// Parses one line; `Ok(None)` for a blank line, `Err` with a message for anything that
+    /// is not a command. The text of `send` and `broadcast` is everything after the single
+    /// space that follows the previous word, unchanged.
+    fn parse(line: &'a [u8]) -> Result<Option<Command<'a>>, String> {
+        let line = line.trim_ascii_start();
+        if line.is_empty() {
+            return Ok(None);
+        }
+        let (word, rest) = split_word(line);
+        let command = match word {
+            b"send" => {
+                let (id, text) = split_word(rest.unwrap_or_default());
+                match text {
+                    Some(text) if !id.is_empty() => Command::Send(client_id(id)?, text),
+                    _ => return Err("usage: send <id> <text>".into()),
+                }
+            }
+            b"broadcast" => match rest {
+                Some(text) => Command::Broadcast(text),
+                None => return Err("usage: broadcast <text>".into()),
+            },
+            b"kick" => match rest.map(<[u8]>::trim_ascii) {
+                Some(id) if !id.is_empty() => Command::Kick(client_id(id)?),
+                _ => return Err("usage: kick <id>".into()),
+            },
+            b"list" | b"help" if rest.is_some_and(|r| !r.trim_ascii().is_empty()) => {
+                return Err(format!(
+                    "`{}` takes no arguments",
+                    String::from_utf8_lossy(word)
+                ));
+            }
+            b"list" => Command::List,
+            b"help" => Command::Help,
+            _ => {
+                return Err(format!(
+                    "unknown command `{}`; {USAGE}",
+                    output::payload(word)
+                ));
+            }
+        };
+        Ok(Some(command))
+    }
+
+    /// Carries out the command; failures of the command itself go to stderr, and only a
+    /// failure to write stdout is returned.
+    async fn execute(self, server: &Server, print: Printer) -> io::Result<()> {
+        match self {
+            Command::Send(id, text) => {
+                if let Err(e) = server.send(id, Bytes::copy_from_slice(text)).await {
+                    eprintln!("error: cannot send to client {id}: {e}");
+                }
+            }
+            Command::Broadcast(text) => {
+                match server.broadcast(Bytes::copy_from_slice(text)).await {
+                    Ok(n) => eprintln!("broadcast to {n} client(s)"),
+                    Err(e) => eprintln!("error: cannot broadcast: {e}"),
+                }
+            }
+            Command::List => {
+                let clients = server.clients();
+                for client in &clients {
+                    print_line(&print.client(client))?;
+                }
+                eprintln!("{} client(s) connected", clients.len());
+            }
+            Command::Kick(id) => {
+                // Its `disconnected <id> kicked` line follows once its queue is delivered.
+                if !server.disconnect(id) {
+                    eprintln!("error: no connected client with id {id}");
+                }
+            }
+            Command::Help => eprintln!("{USAGE}"),
+        }
+        Ok(())
+    }
+}
+
+/// Splits at the first space: the word before it, and everything after it (`None` without
+/// a space).
+fn split_word(s: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match s.iter().position(|&b| b == b' ') {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    }
+}
+
+/// A client id as typed in a command.
+fn client_id(s: &[u8]) -> Result<ClientId, String> {
+    std::str::from_utf8(s)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(ClientId)
+        .ok_or_else(|| {
+            format!(
+                "bad client id `{}`: expected a number, as shown by `list`",
+                output::payload(s)
+            )
+        })
+}
+
+/// Formats events and `list` replies, as text or as JSON.
+#[derive(Debug, Clone, Copy)]
+struct Printer {
+    /// One JSON object per line instead of text.
+    json: bool,
+}
+
+impl Printer {
+    /// The line for one server event.
+    fn event(self, event: &ServerEvent) -> String {
+        match (event, self.json) {
+            (ServerEvent::Connected { client, addr }, false) => {
+                format!("connected {client} {addr}")
+            }
+            (ServerEvent::Connected { client, addr }, true) => json_object(&[
+                ("event", "connected".into()),
+                ("client", client.0.into()),
+                ("addr", addr.to_string().into()),
+            ]),
+            (ServerEvent::Message { client, payload }, false) => {
+                format!("message {client} {}", output::payload(payload))
+            }
+            (ServerEvent::Message { client, payload }, true) => json_object(&[
+                ("event", "message".into()),
+                ("client", client.0.into()),
+                output::payload_field(payload),
+            ]),
+            (ServerEvent::Disconnected { client, reason }, false) => {
+                format!("disconnected {client} {reason}")
+            }
+            (ServerEvent::Disconnected { client, reason }, true) => json_object(&[
+                ("event", "disconnected".into()),
+                ("client", client.0.into()),
+                ("reason", reason.to_string().into()),
+                ("reason_code", reason.code().into()),
+            ]),
+        }
+    }
+
+    /// The `list` line for one client: id, address, when it connected (Unix seconds), and
+    /// its traffic so far.
+    fn client(self, c: &ClientInfo) -> String {
+        let since = c
+            .connected_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.json {
+            let fields: [(&str, Value); 8] = [
+                ("event", "client".into()),
+                ("client", c.id.0.into()),
+                ("addr", c.addr.to_string().into()),
+                ("connected_at", since.into()),
+                ("messages_in", c.messages_in.into()),
+                ("bytes_in", c.bytes_in.into()),
+                ("messages_out", c.messages_out.into()),
+                ("bytes_out", c.bytes_out.into()),
+            ];
+            json_object(&fields)
+        } else {
+            format!(
+                "client {} {} connected_at={since} messages_in={} bytes_in={} messages_out={} bytes_out={}",
+                c.id, c.addr, c.messages_in, c.bytes_in, c.messages_out, c.bytes_out
+            )
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) and, on Unix, SIGTERM, as one stream.
+struct Signals {
+    /// SIGINT.
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    /// SIGTERM, which service managers and `kill` send.
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts listening; from here on these signals no longer end the process by themselves.
+    fn new() -> io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next signal.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        let id = ClientId;
+        assert_eq!(
+            Command::parse(b"send 3 hi there"),
+            Ok(Some(Command::Send(id(3), b"hi there")))
+        );
+        assert_eq!(
+            Command::parse(b"send 3 "),
+            Ok(Some(Command::Send(id(3), b"")))
+        );
+        assert_eq!(
+            Command::parse(b"broadcast  two spaces"),
+            Ok(Some(Command::Broadcast(b" two spaces")))
+        );
+        assert_eq!(Command::parse(b"  list"), Ok(Some(Command::List)));
+        assert_eq!(Command::parse(b"list "), Ok(Some(Command::List)));
+        assert_eq!(Command::parse(b"kick 12"), Ok(Some(Command::Kick(id(12)))));
+        assert_eq!(Command::parse(b"help"), Ok(Some(Command::Help)));
+        assert_eq!(Command::parse(b"   "), Ok(None));
+    }
+
+    #[test]
+    fn rejects_bad_commands() {
+        let err = |line: &[u8]| Command::parse(line).unwrap_err();
+        assert!(err(b"frob 1").starts_with("unknown command `frob`"));
+        assert!(err(b"send x hi").starts_with("bad client id `x`"));
+        assert!(err(b"send 1").starts_with("usage: send"));
+        assert!(err(b"send").starts_with("usage: send"));
+        assert!(err(b"kick").starts_with("usage: kick"));
+        assert!(err(b"kick -1").starts_with("bad client id"));
+        assert!(err(b"broadcast").starts_with("usage: broadcast"));
+        assert!(err(b"list all").contains("takes no arguments"));
+    }
+
+    #[test]
+    fn max_frame_fits_a_signed_length() {
+        assert_eq!(frame_size("2147483647"), Ok(i32::MAX as usize));
+        assert!(frame_size("2GiB").is_err());
+        assert_eq!(frame_size("64KiB"), Ok(65536));
+    }
+}

@@ -1,0 +1,544 @@
+//! Runs the real `sockframe` binary: `serve`, `connect` and `send` against each other and
+//! against raw TCP peers, always on 127.0.0.1 with OS-picked ports.
+//!
+//! Every child process is owned by a [`Proc`], which kills and reaps it when dropped (also
+//! when a test panics), and every wait is bounded by [`WAIT`]. Tests never sleep to let
+//! something happen: they wait for the output line that proves it did.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Upper bound for any single wait: generous for a loaded machine, but a hang still fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The lines of one output stream of a child, read by a thread so they can be awaited with a
+/// deadline.
+struct Lines {
+    /// Which stream of which process, for failure messages.
+    name: String,
+    rx: mpsc::Receiver<String>,
+    /// Every line received so far, for failure messages.
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn new(name: String, stream: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                if tx
+                    .send(text.trim_end_matches(['\n', '\r']).to_string())
+                    .is_err()
+                {
+                    break;
+                }
+                line.clear();
+            }
+        });
+        Self {
+            name,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line for which `pred` holds, skipping others; panics after [`WAIT`] or at
+    /// the end of the stream.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{}: timed out waiting for {what}; lines so far: {:#?}",
+                    self.name, self.seen
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "{}: ended before {what}; lines: {:#?}",
+                    self.name, self.seen
+                ),
+            }
+        }
+    }
+
+    /// The next line that starts with `prefix`.
+    fn wait_prefix(&mut self, prefix: &str) -> String {
+        self.wait_for(&format!("a line starting with {prefix:?}"), |l| {
+            l.starts_with(prefix)
+        })
+    }
+
+    /// The next line, parsed as JSON.
+    fn next_json(&mut self) -> Value {
+        let line = self.wait_for("a line", |_| true);
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", self.name))
+    }
+
+    /// Every remaining line, until the stream ends (bounded by [`WAIT`]).
+    fn rest(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut rest = Vec::new();
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    rest.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return rest,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{}: did not end; lines: {:#?}", self.name, self.seen)
+                }
+            }
+        }
+    }
+}
+
+/// A running `sockframe` process, killed and reaped on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl Proc {
+    /// Starts `sockframe args...` with all three standard streams piped.
+    fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
+        let name = format!(
+            "sockframe {}",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sockframe"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let stdout = Lines::new(format!("{name} (stdout)"), child.stdout.take().unwrap());
+        let stderr = Lines::new(format!("{name} (stderr)"), child.stderr.take().unwrap());
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            name,
+        }
+    }
+
+    /// Writes one line to the child's stdin.
+    fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: write stdin: {e}", self.name));
+    }
+
+    /// Closes the child's stdin (end of input).
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the child to exit, bounded by [`WAIT`].
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {WAIT:?}; stderr so far: {:#?}",
+                self.name,
+                self.stderr.seen
+            );
+            // std has no wait-with-timeout; poll. (This is not waiting for a state to
+            // settle: the exit has either happened or not.)
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM, as `kill` (and service managers) do.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `sockframe serve --bind 127.0.0.1:0 extra...` and returns it with the address it
+/// reports listening on.
+fn serve(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["serve", "--bind", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut server = Proc::start(&args);
+    let line = server.stderr.wait_prefix("listening on ");
+    let addr = line["listening on ".len()..]
+        .parse()
+        .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+    (server, addr)
+}
+
+/// A tutorial frame built by hand.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A raw TCP peer with bounded reads.
+fn raw_client(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect raw client");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+}
+
+/// Reads one frame from a raw peer.
+fn read_frame(stream: &mut TcpStream) -> Vec<u8> {
+    let mut header = [0; 4];
+    stream.read_exact(&mut header).expect("read frame header");
+    let mut payload = vec![0; u32::from_le_bytes(header) as usize];
+    stream.read_exact(&mut payload).expect("read frame payload");
+    payload
+}
+
+/// Asserts that the server closed the raw peer's connection (end of stream, no more data).
+fn assert_closed(stream: &mut TcpStream) {
+    let mut buf = [0; 1];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to be closed, got {other:?}"),
+    }
+}
+
+#[test]
+fn send_reaches_serve_json() {
+    let (mut server, addr) = serve(&["--json"]);
+    let addr = addr.to_string();
+    let mut send = Proc::start(&["send", &addr, "hello wörld", "tab\there"]);
+    assert!(
+        send.wait().success(),
+        "send failed: {:?}",
+        send.stderr.rest()
+    );
+    assert_eq!(send.stdout.rest(), Vec::<String>::new());
+
+    let connected = server.stdout.next_json();
+    assert_eq!(connected["event"], "connected");
+    assert_eq!(connected["client"], 1);
+    assert!(
+        connected["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{connected}"
+    );
+    let first = server.stdout.next_json();
+    assert_eq!(first["event"], "message");
+    assert_eq!(first["client"], 1);
+    assert_eq!(first["text"], "hello wörld");
+    assert_eq!(server.stdout.next_json()["text"], "tab\there");
+    let gone = server.stdout.next_json();
+    assert_eq!(gone["event"], "disconnected");
+    assert_eq!(gone["client"], 1);
+    assert_eq!(gone["reason"], "closed by peer");
+    assert_eq!(gone["reason_code"], "closed_by_peer");
+}
+
+#[test]
+fn binary_payloads_are_hex() {
+    // JSON mode: `data_hex` instead of `text`, and `list` as JSON.
+    let (mut server, addr) = serve(&["--json"]);
+    let mut peer = raw_client(addr);
+    peer.write_all(&frame(&[0xff, 0x00])).unwrap();
+    assert_eq!(server.stdout.next_json()["event"], "connected");
+    let message = server.stdout.next_json();
+    assert_eq!(message["event"], "message");
+    assert_eq!(message["data_hex"], "ff00");
+    assert!(message.get("text").is_none(), "{message}");
+    server.send_line("list");
+    let listed = server.stdout.next_json();
+    assert_eq!(listed["event"], "client");
+    assert_eq!(listed["client"], 1);
+    assert_eq!(listed["addr"], peer.local_addr().unwrap().to_string());
+    assert_eq!(listed["messages_in"], 1);
+    assert_eq!(listed["bytes_in"], 2);
+    assert!(listed["connected_at"].as_u64().unwrap() > 0, "{listed}");
+
+    // Text mode: `hex:`, and text with control characters escaped onto one line.
+    let (mut server, addr) = serve(&[]);
+    let mut peer = raw_client(addr);
+    peer.write_all(&frame(&[0xff, 0x00])).unwrap();
+    peer.write_all(&frame(b"a\nb\\c\x1b[0m")).unwrap();
+    server.stdout.wait_prefix("connected 1 127.0.0.1:");
+    assert_eq!(server.stdout.wait_prefix("message"), "message 1 hex:ff00");
+    assert_eq!(
+        server.stdout.wait_prefix("message"),
+        r"message 1 a\nb\\c\u{1b}[0m"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn send_passes_non_utf8_arguments_through() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let (mut server, addr) = serve(&[]);
+    let addr = addr.to_string();
+    let mut send = Proc::start(&[
+        OsStr::new("send"),
+        OsStr::new(&addr),
+        OsStr::from_bytes(b"\xff\xfe"),
+    ]);
+    assert!(
+        send.wait().success(),
+        "send failed: {:?}",
+        send.stderr.rest()
+    );
+    assert_eq!(server.stdout.wait_prefix("message"), "message 1 hex:fffe");
+}
+
+#[test]
+fn send_to_closed_port_fails_within_timeout() {
+    // A port that was just free: bind, note it, release it.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = Instant::now();
+    let mut send = Proc::start(&["send", &addr.to_string(), "hi", "--timeout", "500ms"]);
+    let status = send.wait();
+    let elapsed = started.elapsed();
+    let stderr = send.stderr.rest();
+    assert_eq!(status.code(), Some(1), "stderr: {stderr:?}");
+    let error = stderr
+        .iter()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"));
+    assert!(
+        error.contains(&format!("cannot connect to {addr}")),
+        "{error}"
+    );
+    assert!(error.contains("connection refused"), "{error}");
+    assert_eq!(
+        *error,
+        format!(
+            "error: cannot connect to {addr}: connection refused (is `sockframe serve` running?)"
+        )
+    );
+    // It kept trying until the deadline, and stopped there (the default would be 5 s).
+    assert!(
+        elapsed >= Duration::from_millis(450),
+        "gave up after {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+}
+
+#[test]
+fn connect_relays_both_ways() {
+    let (mut server, addr) = serve(&[]);
+    let mut client = Proc::start(&["connect", &addr.to_string()]);
+    client.stderr.wait_prefix(&format!("connected to {addr}"));
+    server.stdout.wait_prefix("connected 1 ");
+
+    client.send_line("hello from connect");
+    client.send_line("windows line\r");
+    assert_eq!(
+        server.stdout.wait_prefix("message"),
+        "message 1 hello from connect"
+    );
+    assert_eq!(
+        server.stdout.wait_prefix("message"),
+        "message 1 windows line"
+    );
+
+    server.send_line("send 1 hi there");
+    assert_eq!(client.stdout.wait_for("a line", |_| true), "hi there");
+
+    client.close_stdin();
+    let status = client.wait();
+    assert!(
+        status.success(),
+        "connect: {status}; {:?}",
+        client.stderr.rest()
+    );
+    assert_eq!(
+        server.stdout.wait_prefix("disconnected"),
+        "disconnected 1 closed by peer"
+    );
+}
+
+#[test]
+fn serve_commands_list_broadcast_kick() {
+    let (mut server, addr) = serve(&[]);
+    let mut one = raw_client(addr);
+    server.stdout.wait_prefix("connected 1 ");
+    let mut two = raw_client(addr);
+    server.stdout.wait_prefix("connected 2 ");
+
+    server.send_line("list");
+    let listed = server.stdout.wait_prefix("client 1 ");
+    assert!(
+        listed.starts_with(&format!(
+            "client 1 {} connected_at=",
+            one.local_addr().unwrap()
+        )),
+        "{listed}"
+    );
+    assert!(
+        listed.ends_with("messages_in=0 bytes_in=0 messages_out=0 bytes_out=0"),
+        "{listed}"
+    );
+    server.stdout.wait_prefix("client 2 ");
+    server.stderr.wait_prefix("2 client(s) connected");
+
+    server.send_line("broadcast to all");
+    assert_eq!(read_frame(&mut one), b"to all");
+    assert_eq!(read_frame(&mut two), b"to all");
+    server.stderr.wait_prefix("broadcast to 2 client(s)");
+
+    server.send_line("send 2 just two");
+    assert_eq!(read_frame(&mut two), b"just two");
+
+    server.send_line("kick 1");
+    // A kick is graceful: the server closes its side, then waits for the peer to close its
+    // own before reporting the disconnection.
+    assert_closed(&mut one);
+    drop(one);
+    assert_eq!(
+        server.stdout.wait_prefix("disconnected"),
+        "disconnected 1 kicked"
+    );
+
+    // Mistakes are reported on stderr and the server carries on.
+    server.send_line("kick 1");
+    server
+        .stderr
+        .wait_prefix("error: no connected client with id 1");
+    server.send_line("send nine hi");
+    server.stderr.wait_prefix("error: bad client id `nine`");
+    server.send_line("frobnicate");
+    server
+        .stderr
+        .wait_prefix("error: unknown command `frobnicate`");
+    server.send_line("send 7 hi");
+    server.stderr.wait_prefix("error: cannot send to client 7");
+    server.send_line("list");
+    let listed = server.stdout.wait_prefix("client ");
+    assert!(listed.starts_with("client 2 "), "{listed}");
+    assert!(listed.ends_with("messages_out=2 bytes_out=14"), "{listed}");
+    server.stderr.wait_prefix("1 client(s) connected");
+
+    // End of stdin does not stop the server.
+    server.close_stdin();
+    let mut three = raw_client(addr);
+    server.stdout.wait_prefix("connected 3 ");
+    three.write_all(&frame(b"still here")).unwrap();
+    assert_eq!(server.stdout.wait_prefix("message"), "message 3 still here");
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let (mut server, addr) = serve(&[]);
+    let mut raw = raw_client(addr);
+    server.stdout.wait_prefix("connected 1 ");
+    let mut client = Proc::start(&["connect", &addr.to_string()]);
+    client.stderr.wait_prefix("connected to ");
+    server.stdout.wait_prefix("connected 2 ");
+
+    server.terminate();
+    // The raw peer sees the end of the stream and closes its side, as a polite peer does.
+    assert_closed(&mut raw);
+    let _ = raw.shutdown(Shutdown::Both);
+    drop(raw);
+    let status = server.wait();
+    assert!(status.success(), "serve: {status}");
+    let mut rest = server.stdout.rest();
+    rest.sort();
+    assert_eq!(rest, ["disconnected 1 shutdown", "disconnected 2 shutdown"]);
+
+    // `connect` notices, and keeps trying to reconnect until its input ends.
+    client.stderr.wait_prefix("disconnected: ");
+    client.stderr.wait_prefix("reconnecting (attempt 1, in ");
+    client.close_stdin();
+    let status = client.wait();
+    assert!(
+        status.success(),
+        "connect: {status}; {:?}",
+        client.stderr.rest()
+    );
+}
+
+#[test]
+fn max_frame_is_enforced() {
+    let (mut server, addr) = serve(&["--max-frame", "4"]);
+    let mut peer = raw_client(addr);
+    peer.write_all(&frame(b"four")).unwrap();
+    peer.write_all(&frame(b"fives")).unwrap();
+    assert_eq!(server.stdout.wait_prefix("message"), "message 1 four");
+    let gone = server.stdout.wait_prefix("disconnected");
+    assert!(
+        gone.starts_with("disconnected 1 protocol error: "),
+        "{gone}"
+    );
+    assert_closed(&mut peer);
+
+    let mut bad = Proc::start(&["serve", "--bind", "127.0.0.1:0", "--max-frame", "16M"]);
+    assert_eq!(bad.wait().code(), Some(2), "a usage error");
+    let stderr = bad.stderr.rest().join("\n");
+    assert!(stderr.contains("`16M` is not a size"), "{stderr}");
+}
+
+#[test]
+fn serve_reports_address_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut server = Proc::start(&["serve", "--bind", &addr]);
+    assert_eq!(server.wait().code(), Some(1));
+    let stderr = server.stderr.rest();
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(
+        stderr[0].starts_with(&format!("error: cannot listen on {addr}: ")),
+        "{stderr:?}"
+    );
+    // The cause is said once, not once by the library's message and again as its source.
+    assert!(stderr[0].matches("(os error").count() <= 1, "{stderr:?}");
+}
