@@ -316,11 +316,6 @@ impl<'a> Reader<'a> {
     fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
-    fn str16(&mut self, what: &'static str) -> Result<String, ParseError> {
-        let n = self.u16(what)? as usize;
-        let raw = self.take(n, what)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| ParseError::NotUtf8(what))
-    }
     fn rest_str(&mut self, what: &'static str) -> Result<String, ParseError> {
         let raw = &self.buf[self.pos..];
         self.pos = self.buf.len();
