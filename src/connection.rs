@@ -5,8 +5,9 @@
 //! payload as a [`Bytes`] slice of one read buffer, and a [`FrameWriter`], which batches
 //! many small frames into one write and sends large payloads without copying them.
 //!
-//! The server and the client both run a connection through [`drive`], which reads and writes
-//! concurrently in a single task and implements the close rules shared by both sides.
+//! The server and the client both run a connection through `drive`, which reads and writes
+//! concurrently in a single task and implements what both sides share: the typed frames of
+//! the sockframe protocol, heartbeats, the idle timeout, requests, and the close rules.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -23,9 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::codec::TutorialCodec;
-use crate::outbox::OutboxReceiver;
+use crate::message::Message;
+use crate::outbox::{OutboxReceiver, OutboxSender, Weigh};
 use crate::protocol::frame::{HEADER_LEN, encode_header};
+use crate::protocol::message::{self as wire, Frame, Head, close_code};
 use crate::reason::DisconnectReason;
+use crate::request::{Pending, Request};
 
 /// Payloads up to this size are copied into the write buffer (one syscall for many frames);
 /// larger ones are written from their own buffer with vectored writes, never copied.
@@ -81,6 +85,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        *self.inner.decoder_mut() = TutorialCodec::with_max_frame(max_frame);
+    }
+
     /// The next payload; `Ok(None)` at a clean end of stream (between frames).
     ///
     /// Cancel-safe: a partly received frame stays in the buffer for the next call.
@@ -121,9 +130,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Adds one frame to the pending output. Fails only for a payload over the maximum.
     pub fn push(&mut self, payload: Bytes) -> Result<()> {
-        let header = encode_header(payload.len(), self.max_frame)?;
-        self.pending += HEADER_LEN + payload.len();
+        self.push_parts(&[], payload)
+    }
+
+    /// Adds one frame whose payload is `head` followed by `body`: the small fixed fields of a
+    /// typed frame and a body that, when large, is written from its own buffer.
+    pub fn push_parts(&mut self, head: &[u8], payload: Bytes) -> Result<()> {
+        let header = encode_header(head.len() + payload.len(), self.max_frame)?;
+        self.pending += HEADER_LEN + head.len() + payload.len();
         self.buf.extend_from_slice(&header);
+        self.buf.extend_from_slice(head);
         if payload.len() <= COPY_THRESHOLD {
             self.buf.extend_from_slice(&payload);
         } else {
@@ -179,10 +195,80 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
+    /// Changes the largest frame written from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Flushes, then shuts the write direction down (sends FIN).
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
+    }
+}
+
+/// Room a typed frame needs beyond its body: `max_frame` bounds bodies, so frames of the
+/// sockframe protocol may be this much longer (the largest head is 11 bytes).
+pub(crate) const HEAD_ROOM: usize = 16;
+
+/// Pending control frames (pongs, closes) before reading pauses.
+const CONTROL_CAPACITY: usize = 64;
+
+/// How long a farewell `CLOSE` frame may take to write on an ungraceful close.
+const FAREWELL: Duration = Duration::from_secs(1);
+
+/// Which wire format a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The tutorial's plain framing: untyped payloads, nothing else.
+    Tutorial,
+    /// The sockframe protocol: typed frames after a hello / welcome handshake.
+    Sockframe,
+}
+
+/// Heartbeat settings: ping every `interval`; a peer from which nothing at all arrives for
+/// `misses` intervals in a row is declared dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Time between pings. Default 5 s.
+    pub interval: Duration,
+    /// Intervals without any frame from the peer before it is declared dead. Default 3.
+    pub misses: u32,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(5),
+            misses: 3,
+        }
+    }
+}
+
+/// Something queued for a connection's writer.
+#[derive(Debug, Clone)]
+pub(crate) enum Outgoing {
+    /// An application message.
+    Message(Message),
+    /// A request this side makes.
+    Request { id: u64, message: Message },
+    /// An answer to the peer's request.
+    Response {
+        id: u64,
+        result: crate::request::Answer,
+    },
+}
+
+impl Weigh for Outgoing {
+    fn weight(&self) -> usize {
+        match self {
+            Outgoing::Message(m) | Outgoing::Request { message: m, .. } => m.len(),
+            Outgoing::Response { result: Ok(m), .. } => m.len(),
+            Outgoing::Response {
+                result: Err((_, t)),
+                ..
+            } => t.len(),
+        }
     }
 }
 
@@ -207,6 +293,50 @@ impl Traffic {
     }
 }
 
+/// When the peer was last heard from, in milliseconds since the connection's start.
+#[derive(Debug)]
+struct Liveness {
+    start: Instant,
+    /// Any frame.
+    last_frame: AtomicU64,
+    /// An application message or request.
+    last_message: AtomicU64,
+    /// Reading is paused because the application's event stream is full: the peer's
+    /// silence is then ours, and must not be taken for a dead or idle peer.
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            start: Instant::now(),
+            last_frame: AtomicU64::new(0),
+            last_message: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn frame(&self) {
+        self.last_frame.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn message(&self) {
+        self.last_message.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    fn instant(&self, ms: &AtomicU64) -> Instant {
+        self.start + Duration::from_millis(ms.load(Ordering::Relaxed))
+    }
+}
+
 /// How a connection is closed once its close token fires.
 #[derive(Debug, Clone)]
 pub(crate) struct CloseOrder {
@@ -217,22 +347,38 @@ pub(crate) struct CloseOrder {
     pub(crate) graceful: bool,
 }
 
-/// What [`drive`] needs besides the stream.
-pub(crate) struct Drive<'a, E, F, C> {
-    pub(crate) max_frame: usize,
+/// What `drive` needs besides the stream.
+pub(crate) struct Drive<'a, E, M, R, C> {
+    pub(crate) mode: Mode,
+    /// Largest message body accepted (the frame limit has room for typed heads besides).
+    pub(crate) max_body: usize,
+    /// A tutorial connection classified by its silence: if its first frame turns out to be
+    /// a hello after all, it was a slow sockframe client, and is closed rather than having
+    /// its hello delivered as a message.
+    pub(crate) refuse_late_hello: bool,
     pub(crate) outbox: &'a mut OutboxReceiver,
+    /// A sender into `outbox`, handed to received requests for their answers.
+    pub(crate) reply: &'a OutboxSender,
+    /// This side's requests waiting for answers.
+    pub(crate) pending: &'a Pending,
     pub(crate) events: &'a mpsc::Sender<E>,
-    /// Wraps a received payload into the application's event type.
-    pub(crate) to_event: F,
+    /// Wraps a received message into the application's event type.
+    pub(crate) on_message: M,
+    /// Wraps a received request into the application's event type.
+    pub(crate) on_request: R,
     pub(crate) traffic: &'a Traffic,
     /// Fired to close the connection; `close_order` then says how and why.
     pub(crate) close: &'a CancellationToken,
     pub(crate) close_order: C,
     /// Upper bound on delivering the queue and waiting for the peer after a graceful close.
     pub(crate) drain_deadline: Duration,
+    /// Pings (sockframe mode only).
+    pub(crate) heartbeat: Option<Heartbeat>,
+    /// Close after this long without an application message.
+    pub(crate) idle_timeout: Option<Duration>,
 }
 
-/// How a connection run by [`drive`] ended.
+/// How a connection run by `drive` ended.
 #[derive(Debug)]
 pub(crate) struct Outcome {
     /// Why it ended.
@@ -242,29 +388,89 @@ pub(crate) struct Outcome {
     pub(crate) flushed: bool,
 }
 
+enum Ended {
+    Read(DisconnectReason),
+    Write(io::Result<()>),
+    Timeout(DisconnectReason),
+}
+
 /// Runs one connection until it ends and returns why it ended.
 ///
 /// Reading and writing run concurrently in the calling task (one task per connection, not
-/// three). Received payloads go to `events` in order; when `events` is full, reading pauses,
-/// so TCP flow control slows the peer instead of memory growing.
-pub(crate) async fn drive<S, E, F, C>(stream: S, d: Drive<'_, E, F, C>) -> Outcome
+/// three). Received messages go to `events` in order; when `events` is full, reading pauses,
+/// so TCP flow control slows the peer instead of memory growing. `held` is a first frame
+/// already read (by protocol detection) and not yet delivered.
+pub(crate) async fn drive<RD, WR, E, M, R, C>(
+    mut reader: FrameReader<RD>,
+    mut writer: FrameWriter<WR>,
+    mut held: Option<Bytes>,
+    d: Drive<'_, E, M, R, C>,
+) -> Outcome
 where
-    S: AsyncRead + AsyncWrite,
-    F: Fn(Bytes) -> E,
+    RD: AsyncRead + Unpin,
+    WR: AsyncWrite + Unpin,
+    M: Fn(Message) -> E,
+    R: Fn(Request) -> E,
     C: Fn() -> CloseOrder,
 {
-    let (mut reader, mut writer) = Connection::new(stream, d.max_frame).split();
-    // A frame read but not yet handed to `events`; kept outside the read future so that
-    // dropping that future never loses it.
-    let mut held: Option<Bytes> = None;
+    let (control, mut control_rx) = mpsc::channel::<Frame>(CONTROL_CAPACITY);
+    let liveness = Liveness::new();
+    let heartbeat = d.heartbeat.filter(|_| d.mode == Mode::Sockframe);
+    let inbound = Inbound {
+        mode: d.mode,
+        max_body: d.max_body,
+        refuse_late_hello: std::sync::atomic::AtomicBool::new(d.refuse_late_hello),
+        events: d.events,
+        on_message: &d.on_message,
+        on_request: &d.on_request,
+        reply: d.reply,
+        pending: d.pending,
+        control: &control,
+        traffic: d.traffic,
+        liveness: &liveness,
+    };
 
     let first = {
-        let read = read_loop(&mut reader, &mut held, d.events, &d.to_event, d.traffic);
-        let write = write_loop(&mut writer, d.outbox, d.close, d.traffic);
+        let read = inbound.run(&mut reader, &mut held);
+        let write = write_loop(
+            &mut writer,
+            d.outbox,
+            &mut control_rx,
+            d.close,
+            d.traffic,
+            d.mode,
+        );
         tokio::pin!(read, write);
-        tokio::select! {
-            reason = &mut read => Ended::Read(reason),
-            res = &mut write => Ended::Write(res),
+        let mut ping =
+            heartbeat.map(|hb| tokio::time::interval_at(Instant::now() + hb.interval, hb.interval));
+        let mut nonce = 0u64;
+        loop {
+            let idle_at = d
+                .idle_timeout
+                .map(|t| liveness.instant(&liveness.last_message) + t);
+            tokio::select! {
+                reason = &mut read => break Ended::Read(reason),
+                res = &mut write => break Ended::Write(res),
+                _ = async { ping.as_mut().unwrap().tick().await }, if ping.is_some() => {
+                    let hb = heartbeat.expect("ping implies heartbeat");
+                    let silent = liveness.instant(&liveness.last_frame).elapsed();
+                    if silent >= hb.interval * hb.misses && !liveness.is_paused() {
+                        break Ended::Timeout(DisconnectReason::HeartbeatTimeout);
+                    }
+                    nonce += 1;
+                    // A full control queue means pongs are already waiting to go out; this
+                    // ping can be skipped.
+                    let _ = control.try_send(Frame::Ping(nonce));
+                }
+                _ = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
+                    let idle = d.idle_timeout.expect("idle_at implies idle timeout");
+                    if liveness.instant(&liveness.last_message).elapsed() >= idle
+                        && !liveness.is_paused()
+                    {
+                        break Ended::Timeout(DisconnectReason::IdleTimeout);
+                    }
+                }
+            }
         }
     };
 
@@ -273,8 +479,17 @@ where
         flushed: false,
     };
     match first {
-        Ended::Read(reason) => ended(reason),
+        Ended::Read(reason) => {
+            if matches!(reason, DisconnectReason::Protocol(_)) {
+                farewell(&mut writer, d.mode, &reason).await;
+            }
+            ended(reason)
+        }
         Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
+        Ended::Timeout(reason) => {
+            farewell(&mut writer, d.mode, &reason).await;
+            ended(reason)
+        }
         Ended::Write(Ok(())) => {
             let order = (d.close_order)();
             let mut flushed = false;
@@ -283,9 +498,12 @@ where
                 let finish = async {
                     // Keep reading while draining, so a peer that is blocked writing to us
                     // can make progress and read what we send.
-                    let read = read_loop(&mut reader, &mut held, d.events, &d.to_event, d.traffic);
+                    let read = inbound.run(&mut reader, &mut held);
                     let drain = async {
-                        drain(&mut writer, d.outbox, d.traffic).await?;
+                        drain(&mut writer, d.outbox, d.traffic, d.mode).await?;
+                        if d.mode == Mode::Sockframe {
+                            push_control(&mut writer, &close_frame(&order.reason))?;
+                        }
                         writer.shutdown().await
                     };
                     tokio::pin!(read);
@@ -310,68 +528,207 @@ where
     }
 }
 
-enum Ended {
-    Read(DisconnectReason),
-    Write(io::Result<()>),
+/// Tells a sockframe peer why the connection is being closed, if that can be done quickly.
+async fn farewell<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    mode: Mode,
+    reason: &DisconnectReason,
+) {
+    if mode != Mode::Sockframe || push_control(writer, &close_frame(reason)).is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(FAREWELL, writer.shutdown()).await;
 }
 
-/// Reads frames and hands them to `events` until the stream ends or breaks.
-async fn read_loop<R, E, F>(
-    reader: &mut FrameReader<R>,
-    held: &mut Option<Bytes>,
-    events: &mpsc::Sender<E>,
-    to_event: &F,
-    traffic: &Traffic,
-) -> DisconnectReason
-where
-    R: AsyncRead + Unpin,
-    F: Fn(Bytes) -> E,
-{
-    loop {
-        if held.is_none() {
-            match reader.read_frame().await {
-                Ok(Some(frame)) => {
-                    traffic.add_in(frame.len());
-                    *held = Some(frame);
-                }
-                Ok(None) => return DisconnectReason::ClosedByPeer,
-                Err(e) => return DisconnectReason::from_error(&e),
-            }
-        }
-        let Ok(slot) = events.reserve().await else {
-            // Nobody listens to events any more: discard, but keep the connection serviced.
-            held.take();
-            continue;
-        };
-        if let Some(frame) = held.take() {
-            slot.send(to_event(frame));
-        }
+/// The `CLOSE` frame that announces `reason`.
+fn close_frame(reason: &DisconnectReason) -> Frame {
+    let code = match reason {
+        DisconnectReason::Kicked => close_code::KICKED,
+        DisconnectReason::Shutdown => close_code::SHUTDOWN,
+        DisconnectReason::HeartbeatTimeout => close_code::HEARTBEAT_TIMEOUT,
+        DisconnectReason::IdleTimeout => close_code::IDLE_TIMEOUT,
+        DisconnectReason::Protocol(_) => close_code::PROTOCOL_ERROR,
+        DisconnectReason::SlowConsumer => close_code::SLOW_CONSUMER,
+        _ => close_code::NORMAL,
+    };
+    Frame::Close {
+        code,
+        text: reason.to_string(),
     }
 }
 
-/// Writes queued messages in batches until `close` fires (returns `Ok`) or a write fails.
+/// The receiving half of `drive`: turns frames into events, answers pings, routes responses.
+struct Inbound<'a, E, M, R> {
+    mode: Mode,
+    max_body: usize,
+    /// See [`Drive::refuse_late_hello`]; cleared after the first frame.
+    refuse_late_hello: std::sync::atomic::AtomicBool,
+    events: &'a mpsc::Sender<E>,
+    on_message: &'a M,
+    on_request: &'a R,
+    reply: &'a OutboxSender,
+    pending: &'a Pending,
+    control: &'a mpsc::Sender<Frame>,
+    traffic: &'a Traffic,
+    liveness: &'a Liveness,
+}
+
+impl<E, M, R> Inbound<'_, E, M, R>
+where
+    M: Fn(Message) -> E,
+    R: Fn(Request) -> E,
+{
+    /// Reads until the stream ends or breaks the rules.
+    ///
+    /// Cancel-safe: a frame read but not yet handed on stays in `held` (outside this future)
+    /// and is handled by the next call.
+    async fn run<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+        held: &mut Option<Bytes>,
+    ) -> DisconnectReason {
+        loop {
+            if held.is_none() {
+                match reader.read_frame().await {
+                    Ok(Some(frame)) => {
+                        self.liveness.frame();
+                        *held = Some(frame);
+                    }
+                    Ok(None) => return DisconnectReason::ClosedByPeer,
+                    Err(e) => return DisconnectReason::from_error(&e),
+                }
+            }
+            let raw = held.as_ref().expect("held frame");
+            if self.refuse_late_hello.swap(false, Ordering::Relaxed) && wire::is_hello(raw) {
+                return DisconnectReason::Protocol(
+                    "a hello arrived after the detection timeout; the connection had been \
+                     taken for a tutorial client"
+                        .into(),
+                );
+            }
+            if self.mode == Mode::Tutorial {
+                let message = Message::untyped(raw.clone());
+                self.deliver(held, (self.on_message)(message), raw.len())
+                    .await;
+                continue;
+            }
+            let parsed = wire::parse(raw);
+            if let Ok(
+                Frame::Message { body, .. }
+                | Frame::Request { body, .. }
+                | Frame::Response {
+                    result: Ok((_, body)),
+                    ..
+                },
+            ) = &parsed
+                && body.len() > self.max_body
+            {
+                let e = crate::protocol::FrameError::TooLarge {
+                    len: body.len(),
+                    max: self.max_body,
+                };
+                return DisconnectReason::Protocol(e.to_string());
+            }
+            match parsed {
+                Err(e) => return DisconnectReason::Protocol(e.to_string()),
+                Ok(Frame::Message { kind, body }) => {
+                    let len = body.len();
+                    let event = (self.on_message)(Message::from_wire(kind, body));
+                    self.deliver(held, event, len).await;
+                }
+                Ok(Frame::Request { id, kind, body }) => {
+                    let len = body.len();
+                    let request =
+                        Request::new(id, Message::from_wire(kind, body), self.reply.clone());
+                    self.deliver(held, (self.on_request)(request), len).await;
+                }
+                Ok(Frame::Response { id, result }) => {
+                    held.take();
+                    self.pending.complete(
+                        id,
+                        result.map(|(kind, body)| Message::from_wire(kind, body)),
+                    );
+                }
+                Ok(Frame::Ping(nonce)) => {
+                    let Ok(slot) = self.control.reserve().await else {
+                        return DisconnectReason::Closed;
+                    };
+                    held.take();
+                    slot.send(Frame::Pong(nonce));
+                }
+                Ok(Frame::Pong(_) | Frame::Unknown(_)) => {
+                    held.take();
+                }
+                Ok(Frame::Close { code, text }) => {
+                    return DisconnectReason::from_close(code, &text);
+                }
+                Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
+                    return DisconnectReason::Protocol(
+                        "handshake frame after the handshake".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Hands an application event on, waiting for room; then the held frame is done.
+    async fn deliver(&self, held: &mut Option<Bytes>, event: E, len: usize) {
+        // Reserve first: if this future is dropped while waiting, the frame stays held.
+        let slot = match self.events.try_reserve() {
+            Ok(slot) => Ok(slot),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(()),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.liveness.paused.store(true, Ordering::Relaxed);
+                let slot = self.events.reserve().await.map_err(|_| ());
+                self.liveness.paused.store(false, Ordering::Relaxed);
+                // The peer had no chance to be heard meanwhile: its clocks restart now.
+                self.liveness.frame();
+                self.liveness.message();
+                slot
+            }
+        };
+        held.take();
+        self.traffic.add_in(len);
+        self.liveness.message();
+        if let Ok(slot) = slot {
+            slot.send(event);
+        }
+        // Without a listener the event is discarded, but the connection keeps being served.
+    }
+}
+
+/// Writes queued frames in batches until `close` fires (returns `Ok`) or a write fails.
 async fn write_loop<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
+    control: &mut mpsc::Receiver<Frame>,
     close: &CancellationToken,
     traffic: &Traffic,
+    mode: Mode,
 ) -> io::Result<()> {
     loop {
-        let first = tokio::select! {
+        tokio::select! {
             biased;
             _ = close.cancelled() => return Ok(()),
-            msg = outbox.recv() => msg,
-        };
-        let Some(first) = first else {
-            // Every sender is gone: nothing more will be queued; wait for the close order.
-            close.cancelled().await;
-            return Ok(());
-        };
-        push(writer, first, traffic)?;
+            Some(frame) = control.recv() => push_control(writer, &frame)?,
+            item = outbox.recv() => match item {
+                Some(item) => push(writer, item, traffic, mode)?,
+                None => {
+                    // Every sender is gone: nothing more will be queued.
+                    close.cancelled().await;
+                    return Ok(());
+                }
+            },
+        }
         // Gather what is queued right now, then write it all at once.
         while writer.pending() < BATCH_BYTES {
-            let Some(msg) = outbox.try_recv() else { break };
-            push(writer, msg, traffic)?;
+            if let Ok(frame) = control.try_recv() {
+                push_control(writer, &frame)?;
+            } else if let Some(item) = outbox.try_recv() {
+                push(writer, item, traffic, mode)?;
+            } else {
+                break;
+            }
         }
         // A close interrupts a flush stuck on a peer that does not read; the frames stay
         // buffered in `writer`, and a graceful close carries on writing them.
@@ -387,9 +744,10 @@ async fn drain<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
     traffic: &Traffic,
+    mode: Mode,
 ) -> io::Result<()> {
-    while let Some(msg) = outbox.try_recv() {
-        push(writer, msg, traffic)?;
+    while let Some(item) = outbox.try_recv() {
+        push(writer, item, traffic, mode)?;
         if writer.pending() >= BATCH_BYTES {
             writer.flush().await?;
         }
@@ -397,16 +755,51 @@ async fn drain<W: AsyncWrite + Unpin>(
     writer.flush().await
 }
 
+/// Encodes one queued item for the connection's mode.
 fn push<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
-    msg: Bytes,
+    item: Outgoing,
     traffic: &Traffic,
+    mode: Mode,
 ) -> io::Result<()> {
-    let len = msg.len();
-    // Senders check the size first, so this only fails if a caller bypassed them.
-    writer
-        .push(msg)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    traffic.add_out(len);
+    let len = item.weight();
+    let res = match (mode, item) {
+        (Mode::Tutorial, Outgoing::Message(m)) => writer.push(m.into_payload()),
+        (Mode::Tutorial, _) => {
+            // Senders refuse requests to tutorial peers; a response cannot arise either.
+            tracing::debug!("request or response for a tutorial peer dropped");
+            return Ok(());
+        }
+        (Mode::Sockframe, Outgoing::Message(m)) => {
+            writer.push_parts(Head::message(m.wire_kind()).as_slice(), m.into_payload())
+        }
+        (Mode::Sockframe, Outgoing::Request { id, message }) => writer.push_parts(
+            Head::request(id, message.wire_kind()).as_slice(),
+            message.into_payload(),
+        ),
+        (Mode::Sockframe, Outgoing::Response { id, result: Ok(m) }) => writer.push_parts(
+            Head::response_ok(id, m.wire_kind()).as_slice(),
+            m.into_payload(),
+        ),
+        (Mode::Sockframe, Outgoing::Response { id, result: Err(e) }) => {
+            writer.push(wire::encode(&Frame::Response { id, result: Err(e) }))
+        }
+    };
+    match res {
+        Ok(()) => traffic.add_out(len),
+        // Senders check the size against the peer's limit when queuing; this is a message
+        // queued before a reconnect to a peer with a smaller limit. Dropping it (loudly)
+        // keeps the connection and everything queued behind it.
+        Err(e) => tracing::warn!(error = %e, "message dropped: too large for this peer"),
+    }
     Ok(())
+}
+
+fn push_control<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    frame: &Frame,
+) -> io::Result<()> {
+    writer
+        .push(wire::encode(frame))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }

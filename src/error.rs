@@ -47,6 +47,39 @@ pub enum Error {
     /// The client's outgoing queue was full and the policy is to disconnect it.
     #[error("client {0} is not reading fast enough; its queue was full and it was disconnected")]
     SlowConsumer(ClientId),
+    /// The connection ended before the request was answered.
+    #[error("the connection ended before an answer arrived")]
+    Disconnected,
+    /// The peer answered a request with an error.
+    #[error("the peer answered with error {code}: {text}")]
+    Remote {
+        /// The error code (see `protocol::message::error_code`).
+        code: u16,
+        /// The peer's description.
+        text: String,
+    },
+    /// A request was not answered in time.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The peer speaks the tutorial framing, which has no requests.
+    #[error("the peer speaks the tutorial framing, which has no requests")]
+    NotSupported,
+    /// The server refused the handshake. Not retried: the same hello would be refused again.
+    #[error("the server refused the connection: {code}{}", if .text.is_empty() { String::new() } else { format!(" ({})", .text) })]
+    Rejected {
+        /// Why.
+        code: crate::protocol::message::RejectCode,
+        /// The server's detail.
+        text: String,
+    },
+    /// The handshake failed (timeout, unexpected frame); retried like a failed connect.
+    #[error("handshake with {addr} failed: {detail}")]
+    Handshake {
+        /// The server address.
+        addr: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// Closing left queued messages that were never written to a connection.
     #[error("{0} queued message(s) were not sent before the connection closed")]
     Undelivered(usize),

@@ -6,7 +6,8 @@
 //!
 //! ## Layout
 //!
-//! - [`protocol`]: the wire format as pure functions over bytes (no I/O, no tokio).
+//! - [`protocol`]: the wire formats as pure functions over bytes (no I/O, no tokio): the
+//!   tutorial framing, and the sockframe protocol's handshake and typed frames inside it.
 //! - [`codec`]: [`TutorialCodec`](codec::TutorialCodec), the framing as a `tokio_util` codec.
 //! - [`connection`]: [`Connection`](connection::Connection), buffered frames in and out over
 //!   any async byte stream; batching of writes lives here.
@@ -14,7 +15,9 @@
 //!   send / broadcast / disconnect, graceful shutdown.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
-//! - [`DisconnectReason`], [`OutboxLimits`], [`FullPolicy`], [`Error`]: shared types.
+//! - [`Message`] (text, binary or untyped), [`Request`] (an incoming request and its
+//!   responder), [`DisconnectReason`], [`OutboxLimits`], [`FullPolicy`], [`Heartbeat`],
+//!   [`Mode`], [`Error`]: shared types.
 //!
 //! ## Example
 //!
@@ -29,17 +32,23 @@
 //! let echo = server.clone();
 //! tokio::spawn(async move {
 //!     while let Some(event) = events.recv().await {
-//!         if let ServerEvent::Message { client, payload } = event {
-//!             let _ = echo.send(client, payload).await;
+//!         match event {
+//!             ServerEvent::Message { client, message } => { let _ = echo.send(client, message).await; }
+//!             ServerEvent::Request { request, .. } => {
+//!                 let answer = format!("you asked: {}", request.message().as_text().unwrap_or("?"));
+//!                 let _ = request.respond(answer).await;
+//!             }
+//!             _ => {}
 //!         }
 //!     }
 //! });
 //!
 //! let mut client = Client::connect(ClientConfig::new(server.local_addr().to_string())).await?;
 //! client.send("hello").await?;
+//! assert_eq!(client.request("2 + 2?").await?, "you asked: 2 + 2?");
 //! loop {
 //!     match client.recv().await {
-//!         Some(ClientEvent::Message(payload)) => { assert_eq!(payload, "hello"); break; }
+//!         Some(ClientEvent::Message(message)) => { assert_eq!(message.as_text(), Some("hello")); break; }
 //!         Some(_) => continue, // connected / disconnected notices
 //!         None => panic!("client closed"),
 //!     }
@@ -53,14 +62,19 @@ pub mod client;
 pub mod codec;
 pub mod connection;
 mod error;
+mod message;
 mod outbox;
 pub mod protocol;
 mod reason;
+mod request;
 pub mod server;
 
+pub use connection::{Heartbeat, Mode};
 pub use error::Error;
+pub use message::{Message, MessageKind};
 pub use outbox::{FullPolicy, OutboxLimits};
 pub use reason::DisconnectReason;
+pub use request::Request;
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

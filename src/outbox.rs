@@ -13,6 +13,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
+/// An item whose size counts against an outbox's byte bound.
+pub(crate) trait Weigh {
+    /// Payload bytes this item stands for.
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
 /// Size limits of an outgoing queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxLimits {
@@ -50,23 +62,33 @@ pub(crate) enum TrySendError {
 }
 
 /// Sending side; cheap to clone.
-#[derive(Debug, Clone)]
-pub(crate) struct OutboxSender {
-    tx: mpsc::Sender<Bytes>,
+#[derive(Debug)]
+pub(crate) struct OutboxSender<T = crate::connection::Outgoing> {
+    tx: mpsc::Sender<T>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
 }
 
+impl<T> Clone for OutboxSender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            bytes: self.bytes.clone(),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
 /// Receiving side, owned by the connection's writer.
 #[derive(Debug)]
-pub(crate) struct OutboxReceiver {
-    rx: mpsc::Receiver<Bytes>,
+pub(crate) struct OutboxReceiver<T = crate::connection::Outgoing> {
+    rx: mpsc::Receiver<T>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
 }
 
 /// A new outbox with the given limits.
-pub(crate) fn outbox(limits: OutboxLimits) -> (OutboxSender, OutboxReceiver) {
+pub(crate) fn outbox<T>(limits: OutboxLimits) -> (OutboxSender<T>, OutboxReceiver<T>) {
     let (tx, rx) = mpsc::channel(limits.messages.max(1));
     let max_bytes = limits
         .bytes
@@ -91,10 +113,10 @@ fn permits(len: usize, max: u32) -> u32 {
     len.min(max as usize) as u32
 }
 
-impl OutboxSender {
+impl<T: Weigh> OutboxSender<T> {
     /// Queues `msg`, waiting for room. Fails only when the receiver is gone.
-    pub(crate) async fn send(&self, msg: Bytes) -> Result<(), TrySendError> {
-        let n = permits(msg.len(), self.max_bytes);
+    pub(crate) async fn send(&self, msg: T) -> Result<(), TrySendError> {
+        let n = permits(msg.weight(), self.max_bytes);
         let permit = self
             .bytes
             .acquire_many(n)
@@ -108,8 +130,8 @@ impl OutboxSender {
     }
 
     /// Queues `msg` if both bounds allow it right now.
-    pub(crate) fn try_send(&self, msg: Bytes) -> Result<(), TrySendError> {
-        let n = permits(msg.len(), self.max_bytes);
+    pub(crate) fn try_send(&self, msg: T) -> Result<(), TrySendError> {
+        let n = permits(msg.weight(), self.max_bytes);
         let permit = self.bytes.try_acquire_many(n).map_err(|e| match e {
             tokio::sync::TryAcquireError::Closed => TrySendError::Closed,
             tokio::sync::TryAcquireError::NoPermits => TrySendError::Full,
@@ -124,11 +146,7 @@ impl OutboxSender {
     }
 
     /// Sends with the given policy; `Full` is only returned under [`FullPolicy::Disconnect`].
-    pub(crate) async fn send_with(
-        &self,
-        msg: Bytes,
-        policy: FullPolicy,
-    ) -> Result<(), TrySendError> {
+    pub(crate) async fn send_with(&self, msg: T, policy: FullPolicy) -> Result<(), TrySendError> {
         match policy {
             FullPolicy::Wait => self.send(msg).await,
             FullPolicy::Disconnect => self.try_send(msg),
@@ -136,16 +154,16 @@ impl OutboxSender {
     }
 }
 
-impl OutboxReceiver {
+impl<T: Weigh> OutboxReceiver<T> {
     /// The next message, waiting for one; `None` once every sender is gone.
-    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+    pub(crate) async fn recv(&mut self) -> Option<T> {
         let msg = self.rx.recv().await?;
         self.release(&msg);
         Some(msg)
     }
 
     /// The next message if one is queued right now.
-    pub(crate) fn try_recv(&mut self) -> Option<Bytes> {
+    pub(crate) fn try_recv(&mut self) -> Option<T> {
         let msg = self.rx.try_recv().ok()?;
         self.release(&msg);
         Some(msg)
@@ -156,13 +174,13 @@ impl OutboxReceiver {
         self.rx.len()
     }
 
-    fn release(&self, msg: &Bytes) {
+    fn release(&self, msg: &T) {
         self.bytes
-            .add_permits(permits(msg.len(), self.max_bytes) as usize);
+            .add_permits(permits(msg.weight(), self.max_bytes) as usize);
     }
 }
 
-impl Drop for OutboxReceiver {
+impl<T> Drop for OutboxReceiver<T> {
     fn drop(&mut self) {
         // Wake senders waiting for byte permits: nobody will ever return them.
         self.bytes.close();
@@ -175,7 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_by_count_and_bytes() {
-        let (tx, mut rx) = outbox(OutboxLimits {
+        let (tx, mut rx) = outbox::<Bytes>(OutboxLimits {
             messages: 3,
             bytes: 10,
         });
@@ -196,7 +214,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_message_takes_the_whole_budget() {
-        let (tx, mut rx) = outbox(OutboxLimits {
+        let (tx, mut rx) = outbox::<Bytes>(OutboxLimits {
             messages: 8,
             bytes: 4,
         });
@@ -212,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_sender_fails_when_receiver_drops() {
-        let (tx, rx) = outbox(OutboxLimits {
+        let (tx, rx) = outbox::<Bytes>(OutboxLimits {
             messages: 1,
             bytes: 100,
         });

@@ -25,6 +25,11 @@ pub enum DisconnectReason {
     SlowConsumer,
     /// The local application closed the connection ([`Client::close`](crate::client::Client::close)).
     Closed,
+    /// The peer stopped answering: nothing arrived for the configured number of heartbeat
+    /// intervals.
+    HeartbeatTimeout,
+    /// No application message arrived within the idle timeout.
+    IdleTimeout,
     /// Another I/O error; the text says which.
     Io(String),
 }
@@ -37,6 +42,20 @@ impl DisconnectReason {
             ConnectionReset | ConnectionAborted | BrokenPipe => DisconnectReason::Reset,
             UnexpectedEof => DisconnectReason::ClosedByPeer,
             _ => DisconnectReason::Io(plain_io_message(e)),
+        }
+    }
+
+    /// The reason a peer gave in a `CLOSE` frame, seen from this side.
+    pub(crate) fn from_close(code: u16, text: &str) -> Self {
+        use crate::protocol::message::close_code::*;
+        match code {
+            SHUTDOWN => DisconnectReason::Shutdown,
+            KICKED => DisconnectReason::Kicked,
+            HEARTBEAT_TIMEOUT => DisconnectReason::HeartbeatTimeout,
+            IDLE_TIMEOUT => DisconnectReason::IdleTimeout,
+            SLOW_CONSUMER => DisconnectReason::SlowConsumer,
+            PROTOCOL_ERROR => DisconnectReason::Protocol(format!("the peer reported: {text}")),
+            _ => DisconnectReason::ClosedByPeer,
         }
     }
 
@@ -59,6 +78,8 @@ impl DisconnectReason {
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::Closed => "closed",
+            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::IdleTimeout => "idle_timeout",
             DisconnectReason::Io(_) => "io_error",
         }
     }
@@ -74,6 +95,8 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::Shutdown => f.write_str("shutdown"),
             DisconnectReason::SlowConsumer => f.write_str("slow consumer: outgoing queue full"),
             DisconnectReason::Closed => f.write_str("closed"),
+            DisconnectReason::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
             DisconnectReason::Io(detail) => write!(f, "i/o error: {detail}"),
         }
     }

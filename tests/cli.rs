@@ -85,6 +85,11 @@ impl Lines {
         })
     }
 
+    /// The next line.
+    fn next_line(&mut self) -> String {
+        self.wait_for("a line", |_| true)
+    }
+
     /// The next line, parsed as JSON.
     fn next_json(&mut self) -> Value {
         let line = self.wait_for("a line", |_| true);
@@ -126,6 +131,11 @@ struct Proc {
 impl Proc {
     /// Starts `sockframe args...` with all three standard streams piped.
     fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
+        Self::start_env(args, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], envs: &[(&str, &str)]) -> Proc {
         let name = format!(
             "sockframe {}",
             args.iter()
@@ -136,6 +146,9 @@ impl Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sockframe"))
             .args(args)
             .env_remove("RUST_LOG")
+            .env_remove("SOCKFRAME_TOKEN")
+            .env_remove("SOCKFRAME_TOKENS")
+            .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -205,9 +218,14 @@ impl Drop for Proc {
 /// Starts `sockframe serve --bind 127.0.0.1:0 extra...` and returns it with the address it
 /// reports listening on.
 fn serve(extra: &[&str]) -> (Proc, SocketAddr) {
+    serve_env(extra, &[])
+}
+
+/// Like [`serve`], with extra environment variables.
+fn serve_env(extra: &[&str], envs: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let mut args = vec!["serve", "--bind", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let mut server = Proc::start(&args);
+    let mut server = Proc::start_env(&args, envs);
     let line = server.stderr.wait_prefix("listening on ");
     let addr = line["listening on ".len()..]
         .parse()
@@ -541,4 +559,106 @@ fn serve_reports_address_in_use() {
     );
     // The cause is said once, not once by the library's message and again as its source.
     assert!(stderr[0].matches("(os error").count() <= 1, "{stderr:?}");
+}
+
+#[test]
+fn request_is_answered_by_serve_echo() {
+    let (mut server, addr) = serve(&["--json", "--echo"]);
+    let addr = addr.to_string();
+    let mut request = Proc::start(&["request", &addr, "what time is it?"]);
+    assert!(
+        request.wait().success(),
+        "request failed: {:?}",
+        request.stderr.rest()
+    );
+    assert_eq!(request.stdout.rest(), vec!["what time is it?".to_string()]);
+    assert_eq!(server.stdout.next_json()["event"], "connected");
+    let asked = server.stdout.next_json();
+    assert_eq!(asked["event"], "request");
+    assert_eq!(asked["text"], "what time is it?");
+    assert_eq!(asked["kind"], "text");
+}
+
+#[test]
+fn unanswered_request_exits_non_zero() {
+    // Without --echo nobody answers: the server sends the error "unhandled" instead of
+    // leaving the requester waiting, and `request` reports it.
+    let (_server, addr) = serve(&[]);
+    let mut request = Proc::start(&["request", &addr.to_string(), "anyone?"]);
+    assert!(!request.wait().success());
+    let err = request.stderr.rest().join("\n");
+    assert!(err.contains("error 1"), "{err}");
+    assert!(err.contains("not answered"), "{err}");
+}
+
+#[test]
+fn request_times_out_against_a_tutorial_only_server() {
+    // A tutorial-only server takes the hello for a message and never welcomes: the
+    // handshake fails within the timeout with an explanation.
+    let (_server, addr) = serve(&["--protocol", "tutorial"]);
+    let mut request = Proc::start(&["request", &addr.to_string(), "x", "--timeout", "1s"]);
+    assert!(!request.wait().success());
+    let err = request.stderr.rest().join("\n");
+    assert!(err.contains("error: "), "{err}");
+}
+
+#[test]
+fn tokens_from_the_environment_admit_only_their_holders() {
+    let (mut server, addr) = serve_env(&["--json"], &[("SOCKFRAME_TOKENS", "alpha, beta")]);
+    let addr = addr.to_string();
+
+    let mut stranger = Proc::start(&["send", &addr, "let me in"]);
+    assert!(!stranger.wait().success());
+    let err = stranger.stderr.rest().join("\n");
+    assert!(err.contains("unauthorized"), "{err}");
+
+    let mut wrong = Proc::start_env(&["send", &addr, "me too"], &[("SOCKFRAME_TOKEN", "gamma")]);
+    assert!(!wrong.wait().success());
+
+    let mut friend = Proc::start_env(&["send", &addr, "hello"], &[("SOCKFRAME_TOKEN", "beta")]);
+    assert!(
+        friend.wait().success(),
+        "send failed: {:?}",
+        friend.stderr.rest()
+    );
+    // The rejected clients never appear: the first event is the friend's connection.
+    let connected = server.stdout.next_json();
+    assert_eq!(connected["event"], "connected");
+    let message = server.stdout.next_json();
+    assert_eq!(message["event"], "message");
+    assert_eq!(message["text"], "hello");
+}
+
+#[test]
+fn token_file_is_read_and_tutorial_clients_are_refused() {
+    let dir = std::env::temp_dir().join(format!("sockframe-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, "\nfirst\n  second  \n").unwrap();
+    let (mut server, addr) = serve(&["--json", "--token-file", file.to_str().unwrap()]);
+    let addr = addr.to_string();
+
+    let mut tutorial = Proc::start(&["send", "--protocol", "tutorial", &addr, "raw"]);
+    // The tutorial framing cannot carry a token; its frame is refused as a bad hello. The
+    // client may or may not notice (the tutorial framing has no answer to wait for), but
+    // the server must deliver nothing.
+    let _ = tutorial.wait();
+    let mut ok = Proc::start(&["send", "--token", "second", &addr, "in"]);
+    assert!(ok.wait().success(), "send failed: {:?}", ok.stderr.rest());
+    assert_eq!(server.stdout.next_json()["event"], "connected");
+    assert_eq!(server.stdout.next_json()["text"], "in");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tutorial_protocol_talks_to_a_tutorial_only_server() {
+    let (mut server, addr) = serve(&["--protocol", "tutorial"]);
+    let mut send = Proc::start(&["send", "--protocol", "tutorial", &addr.to_string(), "plain"]);
+    assert!(
+        send.wait().success(),
+        "send failed: {:?}",
+        send.stderr.rest()
+    );
+    assert!(server.stdout.next_line().starts_with("connected 1 "));
+    assert_eq!(server.stdout.next_line(), "message 1 plain");
 }

@@ -4,6 +4,7 @@
 mod support;
 
 use bytes::{Bytes, BytesMut};
+use sockframe::Message;
 use sockframe::codec::TutorialCodec;
 use sockframe::server::ServerEvent;
 use tokio::io::AsyncWriteExt;
@@ -40,7 +41,8 @@ fn hello_example_matches_encoder() {
 
 #[tokio::test]
 async fn hello_example_is_understood_by_a_live_server() {
-    let (server, mut events) = support::start_server().await;
+    // A tutorial-only server: the raw client below waits for `Connected` before sending.
+    let (server, mut events) = support::start_tutorial_server().await;
     let mut raw = tokio::net::TcpStream::connect(server.local_addr())
         .await
         .unwrap();
@@ -51,14 +53,14 @@ async fn hello_example_is_understood_by_a_live_server() {
         support::next_event(&mut events).await,
         ServerEvent::Message {
             client: id,
-            payload: Bytes::from_static(b"hello")
+            message: Message::untyped(Bytes::from_static(b"hello"))
         }
     );
     assert_eq!(
         support::next_event(&mut events).await,
         ServerEvent::Message {
             client: id,
-            payload: Bytes::new()
+            message: Message::untyped(Bytes::new())
         }
     );
     drop(raw);

@@ -3,7 +3,9 @@
 //! limit, kicking, and the client registry.
 //!
 //! Clients are plain `tokio::net::TcpStream`s that frame by hand, so a bug shared by the
-//! library's encoder and decoder cannot hide here.
+//! library's encoder and decoder cannot hide here. The servers speak only the tutorial
+//! framing (`support::tutorial_config`), so a raw client is reported connected at once;
+//! `tests/wire.rs` covers raw clients under the default `Auto` protocol detection.
 //!
 //! Tests that measure the process's resident memory take [`MEMORY`] exclusively; every other
 //! test takes it shared, so no other test allocates while a measurement runs.
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sockframe::server::{ClientId, Server, ServerEvent, ServerEvents};
-use sockframe::{DisconnectReason, Error, FullPolicy, OutboxLimits};
+use sockframe::{DisconnectReason, Error, FullPolicy, Message, MessageKind, Mode, OutboxLimits};
 use support::{WAIT, next_event, rss_bytes, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -146,10 +148,14 @@ async fn disconnected(events: &mut ServerEvents, id: ClientId) -> DisconnectReas
     }
 }
 
-/// The next event must be a message from `from`; returns its payload.
-async fn next_message_from(events: &mut ServerEvents, from: ClientId) -> Bytes {
+/// The next event must be a message from `from` (untyped: raw clients speak the tutorial
+/// framing); returns it.
+async fn next_message_from(events: &mut ServerEvents, from: ClientId) -> Message {
     match next_event(events).await {
-        ServerEvent::Message { client, payload } if client == from => payload,
+        ServerEvent::Message { client, message } if client == from => {
+            assert_eq!(message.kind(), MessageKind::Untyped, "{message:?}");
+            message
+        }
         other => panic!("expected a message from {from}, got {other:?}"),
     }
 }
@@ -197,7 +203,7 @@ async fn hundred_clients_hundred_messages_each_arrive_once_in_order() {
     const CLIENTS: usize = 100;
     const MESSAGES: usize = 100;
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let clients = connect_many(&server, &mut events, CLIENTS).await;
     assert_eq!(server.client_count(), CLIENTS);
 
@@ -231,8 +237,9 @@ async fn hundred_clients_hundred_messages_each_arrive_once_in_order() {
     timeout(WAIT, async {
         for _ in 0..CLIENTS * MESSAGES {
             match events.recv().await.expect("event stream ended") {
-                ServerEvent::Message { client, payload } => {
-                    let text = std::str::from_utf8(&payload).expect("utf-8 payload");
+                ServerEvent::Message { client, message } => {
+                    assert_eq!(message.kind(), MessageKind::Untyped, "{message:?}");
+                    let text = std::str::from_utf8(&message).expect("utf-8 payload");
                     let (c, m) = text
                         .strip_prefix('c')
                         .and_then(|t| t.split_once(" m"))
@@ -272,7 +279,7 @@ async fn hundred_clients_hundred_messages_each_arrive_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_reaches_one_client_and_broadcast_reaches_each_once() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let mut clients = connect_many(&server, &mut events, 100).await;
 
     let (target, _) = clients[17];
@@ -293,7 +300,7 @@ async fn send_reaches_one_client_and_broadcast_reaches_each_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_except_skips_exactly_the_excluded_client() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let mut clients = connect_many(&server, &mut events, 20).await;
     let excluded = clients[3].0;
 
@@ -368,7 +375,7 @@ async fn numbered_reader(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_is_disconnected_by_broadcast_while_others_get_everything() {
     let _guard = exclusive().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     assert_eq!(server.config().broadcast_policy, FullPolicy::Disconnect);
     let mut clients = connect_many(&server, &mut events, 3).await;
     let (fast2, fast2_stream) = clients.pop().unwrap();
@@ -456,7 +463,7 @@ async fn slow_reader_is_disconnected_by_broadcast_while_others_get_everything() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_with_wait_policy_blocks_on_a_non_reader_while_memory_stays_bounded() {
     let _guard = exclusive().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.send_policy = FullPolicy::Wait;
     let (server, mut events) = support::start_server_with(config).await;
     let outbox = server.config().outbox;
@@ -534,7 +541,7 @@ fn protocol_text(reason: DisconnectReason) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_negative_lengths_disconnect_only_the_offender() {
     let _guard = shared().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.max_frame = 1024;
     let (server, mut events) = support::start_server_with(config).await;
     let (good, mut good_stream) = connect_one(&server, &mut events).await;
@@ -575,7 +582,7 @@ async fn oversized_and_negative_lengths_disconnect_only_the_offender() {
 async fn oversized_header_at_default_max_reserves_nothing() {
     const BAD: usize = 16;
     let _guard = exclusive().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let (good, mut good_stream) = connect_one(&server, &mut events).await;
     let mut bad = connect_many(&server, &mut events, BAD).await;
 
@@ -611,7 +618,7 @@ async fn oversized_header_at_default_max_reserves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_announcing_i32_max_then_close_is_a_truncated_frame() {
     let _guard = exclusive().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.max_frame = i32::MAX as usize;
     let (server, mut events) = support::start_server_with(config).await;
     let (good, mut good_stream) = connect_one(&server, &mut events).await;
@@ -641,7 +648,7 @@ async fn header_announcing_i32_max_then_close_is_a_truncated_frame() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_mid_frame_is_a_truncation_protocol_error() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
 
     // Half a frame: header for "hello", then "he".
     let (id, mut stream) = connect_one(&server, &mut events).await;
@@ -672,7 +679,7 @@ async fn dropped_mid_frame_is_a_truncation_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_close_and_reset_are_told_apart() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
 
     // Close between frames.
     let (id, mut stream) = connect_one(&server, &mut events).await;
@@ -706,7 +713,7 @@ async fn clean_close_and_reset_are_told_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_never_reused() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let mut ids = Vec::new();
     for _ in 0..50 {
         let (id, stream) = connect_one(&server, &mut events).await;
@@ -735,7 +742,7 @@ async fn shutdown_delivers_everything_queued_then_closes() {
     const COUNT: u32 = 500;
     const SIZE: usize = 32 * 1024; // 16 MiB in all: more than the socket buffers hold
     let _guard = shared().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.outbox = OutboxLimits {
         messages: 1024,
         bytes: 32 * MIB as usize,
@@ -808,7 +815,7 @@ async fn shutdown_delivers_everything_queued_then_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_bounded_by_the_drain_deadline_for_a_client_that_never_reads() {
     let _guard = shared().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.drain_deadline = Duration::from_millis(300);
     let (server, mut events) = support::start_server_with(config).await;
     let (id, stream) = connect_one(&server, &mut events).await;
@@ -838,7 +845,7 @@ async fn shutdown_is_bounded_by_the_drain_deadline_for_a_client_that_never_reads
 #[tokio::test(flavor = "current_thread")]
 async fn max_connections_refuses_the_extra_client_until_one_leaves() {
     let _guard = shared().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.max_connections = 2;
     let (server, mut events) = support::start_server_with(config).await;
     let mut clients = connect_many(&server, &mut events, 2).await;
@@ -874,7 +881,7 @@ async fn connection_slot_is_free_once_the_client_is_unregistered() {
     // A client that is gone from `clients()` / `client_count()` must not keep holding a
     // connection slot while its Disconnected event waits for room in the event stream.
     let _guard = shared().await;
-    let mut config = support::config();
+    let mut config = support::tutorial_config();
     config.max_connections = 2;
     config.event_capacity = 1;
     let (server, mut events) = support::start_server_with(config).await;
@@ -923,7 +930,7 @@ async fn connection_slot_is_free_once_the_client_is_unregistered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_delivers_what_is_queued_then_kicks() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let (id, mut stream) = connect_one(&server, &mut events).await;
     let (other, mut other_stream) = connect_one(&server, &mut events).await;
 
@@ -964,7 +971,7 @@ async fn disconnect_delivers_what_is_queued_then_kicks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_lists_ids_addresses_and_counters() {
     let _guard = shared().await;
-    let (server, mut events) = support::start_server().await;
+    let (server, mut events) = support::start_tutorial_server().await;
     let mut clients = connect_many(&server, &mut events, 2).await;
     let (talker, quiet) = (clients[0].0, clients[1].0);
 
@@ -994,6 +1001,10 @@ async fn clients_lists_ids_addresses_and_counters() {
         (q.messages_in, q.bytes_in, q.messages_out, q.bytes_out),
         (0, 0, 0, 0)
     );
+    for c in [t, q] {
+        assert_eq!(c.protocol, Mode::Tutorial, "client {}", c.id);
+        assert_eq!(c.name, "", "a tutorial client has no name");
+    }
     assert_eq!(server.client(talker).as_ref(), Some(t));
     assert!(t.connected_at <= std::time::SystemTime::now());
     finish(server, clients.into_iter().map(|(_, s)| s)).await;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,10 +22,16 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::Backoff;
 
-use crate::connection::{CloseOrder, Drive, Traffic, drive};
+use crate::connection::{
+    CloseOrder, Drive, FrameReader, FrameWriter, HEAD_ROOM, Heartbeat, Mode, Outgoing, Traffic,
+    drive,
+};
+use crate::message::Message;
 use crate::outbox::{OutboxLimits, OutboxReceiver, OutboxSender, outbox};
 use crate::protocol::DEFAULT_MAX_FRAME;
+use crate::protocol::message::{self as wire, Frame, Hello};
 use crate::reason::DisconnectReason;
+use crate::request::{Pending, Request};
 use crate::{Error, Result};
 
 /// What a send does while the client is disconnected (between a drop and the reconnect).
@@ -65,6 +72,21 @@ pub struct ClientConfig {
     /// How long [`Client::close`] may spend delivering queued messages and waiting for the
     /// server to close its side. Default 5 s.
     pub drain_deadline: Duration,
+    /// The protocol to speak. Default [`Mode::Sockframe`]; [`Mode::Tutorial`] talks to the
+    /// tutorial's own server (no handshake, requests, heartbeats or authentication).
+    pub protocol: Mode,
+    /// Name sent in the hello, shown in the server's client list. Default empty.
+    pub name: String,
+    /// Token sent in the hello, for servers that require one. Default none.
+    pub token: Option<Bytes>,
+    /// Time for the server's welcome to arrive after connecting. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// Pings (sockframe protocol only). Default every 5 s; dead after 3 silent intervals.
+    pub heartbeat: Option<Heartbeat>,
+    /// Disconnect when the server sends no message for this long. Default off.
+    pub idle_timeout: Option<Duration>,
+    /// How long [`Client::request`] waits for an answer. Default 10 s.
+    pub request_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -84,12 +106,19 @@ impl ClientConfig {
             offline: OfflinePolicy::Queue,
             event_capacity: 1024,
             drain_deadline: Duration::from_secs(5),
+            protocol: Mode::Sockframe,
+            name: String::new(),
+            token: None,
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat: Some(Heartbeat::default()),
+            idle_timeout: None,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
 
 /// Something that happened on a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum ClientEvent {
     /// Connected (first connection, and each reconnect).
     Connected {
@@ -97,7 +126,9 @@ pub enum ClientEvent {
         addr: SocketAddr,
     },
     /// A message from the server.
-    Message(Bytes),
+    Message(Message),
+    /// A request from the server; answer it through the [`Request`].
+    Request(Request),
     /// The connection ended.
     Disconnected {
         /// Why.
@@ -124,6 +155,12 @@ struct Shared {
     /// How to close once `close` fires; unset means a graceful [`Client::close`].
     order: Mutex<Option<CloseOrder>>,
     close: CancellationToken,
+    /// Requests to the server waiting for answers.
+    pending: Pending,
+    /// The id the server gave in its last welcome (0: none).
+    server_id: std::sync::atomic::AtomicU64,
+    /// Largest body the current server accepts: the smaller of its welcome's and ours.
+    send_limit: std::sync::atomic::AtomicUsize,
 }
 
 /// A connected client. Dropping it closes the connection at once, discarding what is queued;
@@ -148,7 +185,15 @@ impl Client {
     /// the background task. Fails with [`Error::Connect`] once the backoff gives up.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         let close = CancellationToken::new();
-        let stream = connect_with_backoff(&config, &config.backoff, None, &close).await?;
+        if let Some(token) = &config.token {
+            Hello::new("", token.clone())
+                .check()
+                .map_err(|e| Error::Handshake {
+                    addr: config.addr.clone(),
+                    detail: e.to_string(),
+                })?;
+        }
+        let link = connect_with_backoff(&config, &config.backoff, None, &close).await?;
         let (outbox_tx, outbox_rx) = outbox(config.outbox);
         let (events_tx, events) = mpsc::channel(config.event_capacity.max(1));
         let shared = Arc::new(Shared {
@@ -156,8 +201,17 @@ impl Client {
             state: AtomicU8::new(CONNECTED),
             order: Mutex::new(None),
             close,
+            pending: Pending::default(),
+            server_id: Default::default(),
+            send_limit: link.send_limit.into(),
         });
-        let driver = tokio::spawn(run(shared.clone(), stream, outbox_rx, events_tx));
+        let driver = tokio::spawn(run(
+            shared.clone(),
+            link,
+            outbox_rx,
+            outbox_tx.clone(),
+            events_tx,
+        ));
         Ok(Client {
             sender: ClientSender {
                 outbox: outbox_tx,
@@ -169,8 +223,30 @@ impl Client {
     }
 
     /// Queues `msg` for the server; see [`ClientSender::send`].
-    pub async fn send(&self, msg: impl Into<Bytes>) -> Result<()> {
+    pub async fn send(&self, msg: impl Into<Message>) -> Result<()> {
         self.sender.send(msg).await
+    }
+
+    /// Sends a request and waits for the answer; see [`ClientSender::request`].
+    pub async fn request(&self, msg: impl Into<Message>) -> Result<Message> {
+        self.sender.request(msg).await
+    }
+
+    /// Like [`request`](Self::request) with its own timeout.
+    pub async fn request_with_timeout(
+        &self,
+        msg: impl Into<Message>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        self.sender.request_with_timeout(msg, timeout).await
+    }
+
+    /// The id the server assigned in its welcome (sockframe protocol), if connected so far.
+    pub fn server_assigned_id(&self) -> Option<u64> {
+        match self.sender.shared.server_id.load(Ordering::Acquire) {
+            0 => None,
+            id => Some(id),
+        }
     }
 
     /// A cloneable sending handle.
@@ -229,32 +305,77 @@ impl ClientSender {
     /// full. Fails with [`Error::Closed`] after close, with [`Error::NotConnected`] while
     /// disconnected under [`OfflinePolicy::Fail`], and with a protocol error for a payload
     /// over the maximum frame size.
-    pub async fn send(&self, msg: impl Into<Bytes>) -> Result<()> {
-        let msg = msg.into();
-        let shared = &self.shared;
-        crate::protocol::encode_header(msg.len(), shared.config.max_frame)?;
-        match shared.state.load(Ordering::Acquire) {
-            CLOSED => return Err(Error::Closed),
-            DISCONNECTED if shared.config.offline == OfflinePolicy::Fail => {
-                return Err(Error::NotConnected);
-            }
-            _ => {}
-        }
-        self.outbox.send(msg).await.map_err(|_| Error::Closed)
+    pub async fn send(&self, msg: impl Into<Message>) -> Result<()> {
+        let msg = self.checked(msg.into())?;
+        self.outbox
+            .send(Outgoing::Message(msg))
+            .await
+            .map_err(|_| Error::Closed)
     }
+
+    /// Sends a request and waits up to [`ClientConfig::request_timeout`] for the answer.
+    /// Fails with [`Error::Remote`] for an error answer, [`Error::Timeout`],
+    /// [`Error::Disconnected`] if the connection drops first, and [`Error::NotSupported`]
+    /// over the tutorial framing. Dropping the future cancels the request.
+    pub async fn request(&self, msg: impl Into<Message>) -> Result<Message> {
+        let timeout = self.shared.config.request_timeout;
+        self.request_with_timeout(msg, timeout).await
+    }
+
+    /// Like [`request`](Self::request) with its own timeout.
+    pub async fn request_with_timeout(
+        &self,
+        msg: impl Into<Message>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        if self.shared.config.protocol == Mode::Tutorial {
+            return Err(Error::NotSupported);
+        }
+        let msg = self.checked(msg.into())?;
+        crate::request::request(&self.shared.pending, &self.outbox, msg, timeout).await
+    }
+
+    fn checked(&self, msg: Message) -> Result<Message> {
+        let shared = &self.shared;
+        // The limit of the server we talk to now. (A message queued for a later connection
+        // to a server with a smaller limit is dropped with a warning when its turn comes.)
+        crate::protocol::encode_header(msg.len(), shared.send_limit.load(Ordering::Acquire))?;
+        match shared.state.load(Ordering::Acquire) {
+            CLOSED => Err(Error::Closed),
+            DISCONNECTED if shared.config.offline == OfflinePolicy::Fail => {
+                Err(Error::NotConnected)
+            }
+            _ => Ok(msg),
+        }
+    }
+}
+
+/// An established connection: the two halves, after the handshake.
+struct Link {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: FrameWriter<OwnedWriteHalf>,
+    addr: Option<SocketAddr>,
+    /// The server's id for us (sockframe protocol).
+    server_id: Option<u64>,
+    /// Largest body the server accepts (ours, unless its welcome says less).
+    send_limit: usize,
 }
 
 /// The background task: runs connections until closed or until reconnecting is over.
 async fn run(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    mut link: Link,
     mut outbox: OutboxReceiver,
+    reply: OutboxSender,
     events: mpsc::Sender<ClientEvent>,
 ) -> Result<()> {
     let config = &shared.config;
     let traffic = Traffic::default();
     let result = loop {
-        let _ = stream.set_nodelay(true);
+        if let Some(id) = link.server_id {
+            shared.server_id.store(id, Ordering::Release);
+        }
+        shared.send_limit.store(link.send_limit, Ordering::Release);
         // Mark connected before announcing it, so an application that sees `Connected` can
         // send at once; never overwrite CLOSED (close and drop race with this task).
         let _ = shared.state.compare_exchange(
@@ -263,16 +384,23 @@ async fn run(
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        if let Ok(addr) = stream.peer_addr() {
+        if let Some(addr) = link.addr {
             let _ = events.send(ClientEvent::Connected { addr }).await;
         }
         let outcome = drive(
-            stream,
+            link.reader,
+            link.writer,
+            None,
             Drive {
-                max_frame: config.max_frame,
+                mode: config.protocol,
+                max_body: config.max_frame,
+                refuse_late_hello: false,
                 outbox: &mut outbox,
+                reply: &reply,
+                pending: &shared.pending,
                 events: &events,
-                to_event: ClientEvent::Message,
+                on_message: ClientEvent::Message,
+                on_request: ClientEvent::Request,
                 traffic: &traffic,
                 close: &shared.close,
                 close_order: || {
@@ -282,9 +410,15 @@ async fn run(
                     })
                 },
                 drain_deadline: config.drain_deadline,
+                heartbeat: config.heartbeat,
+                idle_timeout: config.idle_timeout,
             },
         )
         .await;
+        // Ours was the close only if it ended the connection; a close that comes after the
+        // server ended it finds nothing to flush and must not count what was written.
+        let closed_by_us = outcome.reason == DisconnectReason::Closed;
+        shared.pending.fail_all();
         let _ = shared.state.compare_exchange(
             CONNECTED,
             DISCONNECTED,
@@ -297,7 +431,7 @@ async fn run(
                 reason: outcome.reason.clone(),
             })
             .await;
-        if shared.close.is_cancelled() {
+        if closed_by_us {
             let left = outbox.len();
             break if !outcome.flushed {
                 Err(Error::Undelivered(left.max(1)))
@@ -307,7 +441,7 @@ async fn run(
                 Ok(())
             };
         }
-        if !config.reconnect {
+        if !config.reconnect || shared.close.is_cancelled() {
             break undelivered(&outbox);
         }
         match connect_with_backoff(
@@ -318,7 +452,7 @@ async fn run(
         )
         .await
         {
-            Ok(s) => stream = s,
+            Ok(next) => link = next,
             Err(Error::Closed) => break undelivered(&outbox),
             Err(e) => {
                 tracing::warn!(error = %e, "giving up reconnecting");
@@ -344,7 +478,7 @@ async fn connect_with_backoff(
     backoff: &Backoff,
     events: Option<&mpsc::Sender<ClientEvent>>,
     close: &CancellationToken,
-) -> Result<TcpStream> {
+) -> Result<Link> {
     let start = Instant::now();
     let deadline = backoff.deadline.map(|d| start + d);
     let mut attempt: u32 = 0;
@@ -372,7 +506,15 @@ async fn connect_with_backoff(
         let error = tokio::select! {
             _ = close.cancelled() => return Err(Error::Closed),
             res = tokio::time::timeout(limit, TcpStream::connect(&config.addr)) => match res {
-                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Ok(stream)) => match handshake(config, stream).await {
+                    Ok(link) => return Ok(link),
+                    // The same hello would be refused again: do not retry.
+                    Err(e @ Error::Rejected { .. }) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(attempt, error = %e, "handshake failed");
+                        std::io::Error::other(e.to_string())
+                    }
+                },
                 Ok(Err(e)) => e,
                 Err(_) => std::io::ErrorKind::TimedOut.into(),
             },
@@ -397,6 +539,72 @@ async fn connect_with_backoff(
             }
         }
     }
+}
+
+/// Opens the protocol on a new TCP connection: for the sockframe protocol, sends the hello
+/// and waits for the welcome.
+async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
+    // Our writes are batched already; Nagle's algorithm would only add latency.
+    let _ = stream.set_nodelay(true);
+    let addr = stream.peer_addr().ok();
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r, config.max_frame);
+    let mut writer = FrameWriter::new(w, config.max_frame);
+    if config.protocol == Mode::Tutorial {
+        return Ok(Link {
+            reader,
+            writer,
+            addr,
+            server_id: None,
+            send_limit: config.max_frame,
+        });
+    }
+    let failed = |detail: String| Error::Handshake {
+        addr: config.addr.clone(),
+        detail,
+    };
+    let hello = Hello::new(
+        config.name.clone(),
+        config.token.clone().unwrap_or_default(),
+    );
+    let exchange = async {
+        writer.push(wire::encode_hello(&hello))?;
+        writer.flush().await?;
+        // The answer is small; do not let a confused peer announce a large frame.
+        reader.set_max_frame(wire::MAX_HELLO);
+        let Some(answer) = reader.read_frame().await? else {
+            return Err(failed(
+                "the server closed the connection during the handshake".into(),
+            ));
+        };
+        match wire::parse(&answer) {
+            Ok(Frame::Welcome(welcome)) => Ok(welcome),
+            Ok(Frame::Reject { code, text }) => Err(Error::Rejected { code, text }),
+            Ok(other) => Err(failed(format!("expected a welcome, got {other:?}"))),
+            Err(e) => Err(failed(format!(
+                "the server does not speak the sockframe protocol ({e}); \
+                 is it a tutorial server? use the tutorial protocol"
+            ))),
+        }
+    };
+    let welcome = tokio::time::timeout(config.handshake_timeout, exchange)
+        .await
+        .map_err(|_| {
+            failed(format!(
+                "no welcome within {:?} (does the server speak the sockframe protocol?)",
+                config.handshake_timeout
+            ))
+        })??;
+    let send_limit = (welcome.max_frame as usize).min(config.max_frame);
+    reader.set_max_frame(config.max_frame + HEAD_ROOM);
+    writer.set_max_frame(send_limit + HEAD_ROOM);
+    Ok(Link {
+        reader,
+        writer,
+        addr,
+        server_id: Some(welcome.client_id),
+        send_limit,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -3,11 +3,28 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+
+use crate::connection::Heartbeat;
 use crate::outbox::{FullPolicy, OutboxLimits};
 use crate::protocol::DEFAULT_MAX_FRAME;
 
 /// The tutorial's port.
 pub const DEFAULT_PORT: u16 = 1234;
+
+/// Which protocols a server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolMode {
+    /// Only the tutorial's plain framing: every frame is a message (a hello is too).
+    Tutorial,
+    /// Only the sockframe protocol: the first frame must be a hello.
+    Sockframe,
+    /// Both on one port: a connection whose first frame is a hello speaks the sockframe
+    /// protocol; any other first frame, or none within
+    /// [`detect_timeout`](ServerConfig::detect_timeout), makes it a tutorial connection.
+    /// Off (treated as `Sockframe`) when tokens are required.
+    Auto,
+}
 
 /// Configuration of a [`Server`](super::Server). Every field has a documented default
 /// ([`ServerConfig::default`]); set the ones you need.
@@ -38,6 +55,25 @@ pub struct ServerConfig {
     pub drain_deadline: Duration,
     /// Listen backlog. Default 1,024 (the OS default of 128 overflows under connect bursts).
     pub backlog: u32,
+    /// Protocols accepted. Default [`ProtocolMode::Auto`].
+    pub protocol: ProtocolMode,
+    /// Tokens that admit a client; empty (the default) admits everyone. When set, a hello
+    /// must carry one of them (compared in constant time), and tutorial connections, which
+    /// cannot carry one, are refused.
+    pub tokens: Vec<Bytes>,
+    /// Time for a sockframe client to complete the handshake. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// In `Auto` mode, how long to wait for a first frame before treating a silent peer as
+    /// a tutorial client. Default 1 s. Until then the client is not reported connected and
+    /// nothing is written to it (a sockframe client must get the welcome first).
+    pub detect_timeout: Duration,
+    /// Pings for sockframe clients. Default every 5 s; dead after 3 silent intervals.
+    /// (The tutorial framing has no pings: only `idle_timeout` applies there.)
+    pub heartbeat: Option<Heartbeat>,
+    /// Disconnect a client that sends no message for this long. Default off.
+    pub idle_timeout: Option<Duration>,
+    /// How long [`Server::request`](super::Server::request) waits for an answer. Default 10 s.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,11 +88,26 @@ impl Default for ServerConfig {
             event_capacity: 1024,
             drain_deadline: Duration::from_secs(5),
             backlog: 1024,
+            protocol: ProtocolMode::Auto,
+            tokens: Vec::new(),
+            handshake_timeout: Duration::from_secs(5),
+            detect_timeout: Duration::from_secs(1),
+            heartbeat: Some(Heartbeat::default()),
+            idle_timeout: None,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
 
 impl ServerConfig {
+    /// The protocol mode in force: `Auto` becomes `Sockframe` when tokens are required.
+    pub fn effective_protocol(&self) -> ProtocolMode {
+        match self.protocol {
+            ProtocolMode::Auto if !self.tokens.is_empty() => ProtocolMode::Sockframe,
+            mode => mode,
+        }
+    }
+
     /// The default configuration listening on `bind`.
     pub fn new(bind: SocketAddr) -> Self {
         Self {

@@ -7,8 +7,8 @@
 //! # async fn run() -> sockframe::Result<()> {
 //! let (server, mut events) = Server::bind(ServerConfig::default()).await?;
 //! while let Some(event) = events.recv().await {
-//!     if let ServerEvent::Message { client, payload } = event {
-//!         server.send(client, payload).await?; // echo it back
+//!     if let ServerEvent::Message { client, message } = event {
+//!         server.send(client, message).await?; // echo it back
 //!     }
 //! }
 //! # Ok(()) }
@@ -27,23 +27,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{DEFAULT_PORT, ServerConfig};
+pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
 pub use registry::{ClientId, ClientInfo};
 
-use crate::connection::{Drive, drive};
+use crate::connection::{
+    Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, Outgoing, drive,
+};
+use crate::message::Message;
 use crate::outbox::{FullPolicy, TrySendError, outbox};
+use crate::protocol::message::{self as wire, Frame, Hello, RejectCode, Welcome};
 use crate::reason::DisconnectReason;
+use crate::request::Request;
 use crate::{Error, Result};
-use registry::{ClientHandle, Registry};
+use registry::{ClientHandle, Peer, Registry};
 
 /// Something that happened on the server, in the order it happened per client: `Connected`
-/// first, then that client's messages in the order sent, then `Disconnected` last.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// first, then that client's messages and requests in the order sent, then `Disconnected`.
+#[derive(Debug, PartialEq)]
 pub enum ServerEvent {
     /// A client connected.
     Connected {
@@ -56,8 +62,16 @@ pub enum ServerEvent {
     Message {
         /// The sender.
         client: ClientId,
-        /// The payload, exactly as framed on the wire.
-        payload: Bytes,
+        /// The message: text or binary (sockframe clients), untyped (tutorial clients).
+        message: Message,
+    },
+    /// A sockframe client sent a request; answer it through the [`Request`] (dropping it
+    /// unanswered sends the client an `unhandled` error).
+    Request {
+        /// The sender.
+        client: ClientId,
+        /// The request and its responder.
+        request: Request,
     },
     /// A client's connection ended.
     Disconnected {
@@ -151,14 +165,42 @@ impl Server {
 
     /// Queues `msg` for one client, following [`ServerConfig::send_policy`] when its queue
     /// is full. Returns once queued (not once written).
-    pub async fn send(&self, client: ClientId, msg: impl Into<Bytes>) -> Result<()> {
+    pub async fn send(&self, client: ClientId, msg: impl Into<Message>) -> Result<()> {
         let msg = self.checked(msg.into())?;
         let handle = self
             .inner
             .registry
             .get(client)
             .ok_or(Error::UnknownClient(client))?;
-        deliver(&handle, msg, self.inner.config.send_policy).await
+        deliver(
+            &handle,
+            Outgoing::Message(msg),
+            self.inner.config.send_policy,
+        )
+        .await
+    }
+
+    /// Sends a request to a sockframe client and waits for its answer, up to
+    /// [`ServerConfig::request_timeout`]. Fails with [`Error::NotSupported`] for a tutorial
+    /// client, [`Error::Remote`] for an error answer, [`Error::Timeout`], or
+    /// [`Error::Disconnected`]. Dropping the future cancels the request.
+    pub async fn request(&self, client: ClientId, msg: impl Into<Message>) -> Result<Message> {
+        let msg = self.checked(msg.into())?;
+        let handle = self
+            .inner
+            .registry
+            .get(client)
+            .ok_or(Error::UnknownClient(client))?;
+        if handle.mode != Mode::Sockframe {
+            return Err(Error::NotSupported);
+        }
+        crate::request::request(
+            &handle.pending,
+            &handle.outbox,
+            msg,
+            self.inner.config.request_timeout,
+        )
+        .await
     }
 
     /// Queues `msg` for every connected client; returns how many it was queued for.
@@ -166,18 +208,22 @@ impl Server {
     /// One buffer is shared by all recipients (no copy per client). A client whose queue is
     /// full is handled by [`ServerConfig::broadcast_policy`]; with `Wait`, the full ones are
     /// waited on together, after the others already have the message.
-    pub async fn broadcast(&self, msg: impl Into<Bytes>) -> Result<usize> {
+    pub async fn broadcast(&self, msg: impl Into<Message>) -> Result<usize> {
         self.broadcast_filtered(msg.into(), None).await
     }
 
     /// Like [`broadcast`](Self::broadcast), to everyone except `except` (typically the
     /// sender of a chat line).
-    pub async fn broadcast_except(&self, except: ClientId, msg: impl Into<Bytes>) -> Result<usize> {
+    pub async fn broadcast_except(
+        &self,
+        except: ClientId,
+        msg: impl Into<Message>,
+    ) -> Result<usize> {
         self.broadcast_filtered(msg.into(), Some(except)).await
     }
 
-    async fn broadcast_filtered(&self, msg: Bytes, except: Option<ClientId>) -> Result<usize> {
-        let msg = self.checked(msg)?;
+    async fn broadcast_filtered(&self, msg: Message, except: Option<ClientId>) -> Result<usize> {
+        let msg = Outgoing::Message(self.checked(msg)?);
         let policy = self.inner.config.broadcast_policy;
         let mut delivered = 0;
         let mut waiting = Vec::new();
@@ -242,7 +288,7 @@ impl Server {
         self.inner.shutdown.is_cancelled()
     }
 
-    fn checked(&self, msg: Bytes) -> Result<Bytes> {
+    fn checked(&self, msg: Message) -> Result<Message> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::Closed);
         }
@@ -252,7 +298,7 @@ impl Server {
 }
 
 /// Queues `msg` for one client under `policy`.
-async fn deliver(handle: &ClientHandle, msg: Bytes, policy: FullPolicy) -> Result<()> {
+async fn deliver(handle: &ClientHandle, msg: Outgoing, policy: FullPolicy) -> Result<()> {
     match handle.outbox.send_with(msg, policy).await {
         Ok(()) => Ok(()),
         Err(TrySendError::Closed) => Err(Error::UnknownClient(handle.id)),
@@ -316,7 +362,8 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sen
     tracing::info!("stopped accepting");
 }
 
-/// Runs one client's connection from registration to the `Disconnected` event.
+/// Runs one client's connection: protocol detection and handshake, then registration, the
+/// `Connected` event, the connection itself, and the `Disconnected` event.
 async fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
@@ -326,30 +373,90 @@ async fn serve_client(
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
-    let (outbox_tx, mut outbox_rx) = outbox(inner.config.outbox);
-    let registration = inner
-        .registry
-        .register(addr, outbox_tx, inner.shutdown.child_token());
+    let config = &inner.config;
+    let (mut reader, mut writer) = Connection::new(stream, config.max_frame).split();
+    let Admitted {
+        mode,
+        held,
+        name,
+        broken,
+        silent,
+    } = match admit(&inner, &mut reader, &mut writer).await {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            // Never reported to the application: it was never connected.
+            tracing::debug!(%addr, why, "connection not admitted");
+            return;
+        }
+    };
+    if mode == Mode::Sockframe {
+        // `max_frame` bounds bodies; typed frames carry a few bytes of head besides.
+        reader.set_max_frame(config.max_frame + HEAD_ROOM);
+        writer.set_max_frame(config.max_frame + HEAD_ROOM);
+    }
+
+    let (outbox_tx, mut outbox_rx) = outbox(config.outbox);
+    let registration = inner.registry.register(
+        Peer { addr, mode, name },
+        outbox_tx.clone(),
+        inner.shutdown.child_token(),
+    );
     let handle = registration.handle.clone();
     let client = handle.id;
-    tracing::debug!(%client, %addr, "connected");
+    if mode == Mode::Sockframe {
+        let welcome = Frame::Welcome(Welcome {
+            version: wire::VERSION,
+            client_id: client.0,
+            max_frame: config.max_frame.min(u32::MAX as usize) as u32,
+            heartbeat_ms: config
+                .heartbeat
+                .map_or(0, |h| h.interval.as_millis().min(u32::MAX as u128) as u32),
+        });
+        let sent = async {
+            writer.push(wire::encode(&welcome))?;
+            writer.flush().await.map_err(Error::from)
+        };
+        if let Err(e) = tokio::time::timeout(config.handshake_timeout, sent)
+            .await
+            .unwrap_or(Err(Error::Timeout(config.handshake_timeout)))
+        {
+            tracing::debug!(%addr, error = %e, "could not send the welcome");
+            return;
+        }
+    }
+    tracing::debug!(%client, %addr, ?mode, "connected");
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
 
-    let reason = drive(
-        stream,
-        Drive {
-            max_frame: inner.config.max_frame,
-            outbox: &mut outbox_rx,
-            events: &events,
-            to_event: |payload| ServerEvent::Message { client, payload },
-            traffic: &handle.traffic,
-            close: &handle.close,
-            close_order: || handle.close_order(),
-            drain_deadline: inner.config.drain_deadline,
-        },
-    )
-    .await
-    .reason;
+    let reason = match broken {
+        Some(reason) => reason,
+        None => {
+            drive(
+                reader,
+                writer,
+                held,
+                Drive {
+                    mode,
+                    max_body: config.max_frame,
+                    refuse_late_hello: silent,
+                    outbox: &mut outbox_rx,
+                    reply: &outbox_tx,
+                    pending: &handle.pending,
+                    events: &events,
+                    on_message: |message| ServerEvent::Message { client, message },
+                    on_request: |request| ServerEvent::Request { client, request },
+                    traffic: &handle.traffic,
+                    close: &handle.close,
+                    close_order: || handle.close_order(),
+                    drain_deadline: config.drain_deadline,
+                    heartbeat: config.heartbeat,
+                    idle_timeout: config.idle_timeout,
+                },
+            )
+            .await
+            .reason
+        }
+    };
+    handle.pending.fail_all();
     // Unregister and free the connection slot before reporting, so that `clients()` never
     // lists a client already reported gone and a client may reconnect as soon as it is.
     drop(registration);
@@ -361,6 +468,142 @@ async fn serve_client(
         ServerEvent::Disconnected { client, reason },
     )
     .await;
+}
+
+/// A connection that passed detection and, for sockframe clients, the handshake.
+struct Admitted {
+    mode: Mode,
+    /// A first tutorial message already read, to be delivered.
+    held: Option<Bytes>,
+    /// The name from the hello.
+    name: String,
+    /// A tutorial connection whose first frame already broke the framing: it is reported
+    /// (connected, then disconnected with this reason) but not run.
+    broken: Option<DisconnectReason>,
+    /// Classified as tutorial because it said nothing within the detection timeout.
+    silent: bool,
+}
+
+impl Admitted {
+    fn tutorial(held: Option<Bytes>) -> Self {
+        Admitted {
+            mode: Mode::Tutorial,
+            held,
+            name: String::new(),
+            broken: None,
+            silent: false,
+        }
+    }
+}
+
+/// Decides the connection's protocol and, for sockframe clients, checks the hello.
+///
+/// Returns what was admitted, or why the connection is refused (a sockframe client is told,
+/// in a `REJECT` frame, before the connection closes; refused connections are never
+/// reported to the application, as they never joined).
+async fn admit<R, W>(
+    inner: &Inner,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> std::result::Result<Admitted, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let config = &inner.config;
+    let mode = config.effective_protocol();
+    let wait = match mode {
+        ProtocolMode::Tutorial => return Ok(Admitted::tutorial(None)),
+        ProtocolMode::Sockframe => {
+            // Before the handshake only a hello may arrive, and it is small.
+            reader.set_max_frame(wire::MAX_HELLO);
+            config.handshake_timeout
+        }
+        ProtocolMode::Auto => config.detect_timeout,
+    };
+    let first = tokio::select! {
+        _ = inner.shutdown.cancelled() => return Err("shutting down".into()),
+        first = tokio::time::timeout(wait, reader.read_frame()) => first,
+    };
+    let first = match first {
+        Err(_) if mode == ProtocolMode::Auto => {
+            // A silent peer in auto mode: a tutorial client that waits to be spoken to.
+            return Ok(Admitted {
+                silent: true,
+                ..Admitted::tutorial(None)
+            });
+        }
+        Err(_) => return Err("no hello within the handshake timeout".into()),
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return Err("closed before the handshake".into()),
+        Ok(Err(e)) if mode == ProtocolMode::Auto => {
+            // No hello can be that broken: a tutorial client breaking the framing, which the
+            // application hears of like any other tutorial client's protocol error.
+            return Ok(Admitted {
+                broken: Some(DisconnectReason::from_error(&e)),
+                ..Admitted::tutorial(None)
+            });
+        }
+        Ok(Err(e)) => return Err(format!("before the handshake: {e}")),
+    };
+    if mode == ProtocolMode::Auto && !wire::is_hello(&first) {
+        return Ok(Admitted::tutorial(Some(first)));
+    }
+    let hello = match wire::parse_hello(&first) {
+        Ok(hello) => hello,
+        Err(e) => {
+            reject(writer, RejectCode::BadHello, &e.to_string()).await;
+            return Err(format!("bad hello: {e}"));
+        }
+    };
+    if wire::negotiate(&hello).is_none() {
+        let text = format!(
+            "this server speaks version {}; the client offers {}..={}",
+            wire::VERSION,
+            hello.min_version,
+            hello.max_version
+        );
+        reject(writer, RejectCode::UnsupportedVersion, &text).await;
+        return Err(text);
+    }
+    if !authorized(&config.tokens, &hello) {
+        tracing::warn!(name = %hello.name, "client rejected: unauthorized");
+        reject(writer, RejectCode::Unauthorized, "unauthorized").await;
+        return Err("unauthorized".into());
+    }
+    Ok(Admitted {
+        mode: Mode::Sockframe,
+        held: None,
+        name: hello.name,
+        broken: None,
+        silent: false,
+    })
+}
+
+/// Whether the hello carries one of `tokens` (always, when none is required).
+fn authorized(tokens: &[Bytes], hello: &Hello) -> bool {
+    use subtle::ConstantTimeEq;
+    if tokens.is_empty() {
+        return true;
+    }
+    // Compare against every token without stopping early, so that timing tells nothing
+    // about which token came close.
+    let mut ok = subtle::Choice::from(0);
+    for token in tokens {
+        ok |= token.as_ref().ct_eq(hello.token.as_ref());
+    }
+    ok.into()
+}
+
+/// Sends a `REJECT` frame and closes, giving up quickly on a peer that does not read.
+async fn reject<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, code: RejectCode, text: &str) {
+    let frame = Frame::Reject {
+        code,
+        text: text.to_string(),
+    };
+    if writer.push(wire::encode(&frame)).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+    }
 }
 
 /// Sends a connection event, waiting while the application catches up, but once a shutdown

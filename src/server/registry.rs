@@ -9,9 +9,10 @@ use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{CloseOrder, Traffic};
+use crate::connection::{CloseOrder, Mode, Traffic};
 use crate::outbox::OutboxSender;
 use crate::reason::DisconnectReason;
+use crate::request::Pending;
 
 /// A client's id: unique for the life of the server, never reused (the tutorial's
 /// `Clients.Count` hands out the same id again after a disconnect). Ids start at 1.
@@ -41,6 +42,10 @@ pub struct ClientInfo {
     pub messages_out: u64,
     /// Payload bytes written to the client's socket.
     pub bytes_out: u64,
+    /// The protocol the client speaks.
+    pub protocol: Mode,
+    /// The name a sockframe client gave in its hello (empty if none).
+    pub name: String,
 }
 
 /// What the server keeps for one connected client.
@@ -49,7 +54,11 @@ pub(crate) struct ClientHandle {
     pub(crate) id: ClientId,
     pub(crate) addr: SocketAddr,
     pub(crate) connected_at: SystemTime,
+    pub(crate) mode: Mode,
+    pub(crate) name: String,
     pub(crate) traffic: Traffic,
+    /// The server's requests to this client waiting for answers.
+    pub(crate) pending: Pending,
     /// Queue of messages to this client.
     pub(crate) outbox: OutboxSender,
     /// Fired to close the connection (a child of the server's shutdown token).
@@ -87,8 +96,18 @@ impl ClientHandle {
             bytes_in: t.bytes_in.load(Ordering::Relaxed),
             messages_out: t.messages_out.load(Ordering::Relaxed),
             bytes_out: t.bytes_out.load(Ordering::Relaxed),
+            protocol: self.mode,
+            name: self.name.clone(),
         }
     }
+}
+
+/// What is known of a client when it is registered.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) mode: Mode,
+    pub(crate) name: String,
 }
 
 /// Connected clients by id.
@@ -102,16 +121,19 @@ impl Registry {
     /// Registers a new client; it stays registered until the returned guard drops.
     pub(crate) fn register(
         self: &Arc<Self>,
-        addr: SocketAddr,
+        peer: Peer,
         outbox: OutboxSender,
         close: CancellationToken,
     ) -> Registration {
         let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let handle = Arc::new(ClientHandle {
             id,
-            addr,
+            addr: peer.addr,
             connected_at: SystemTime::now(),
+            mode: peer.mode,
+            name: peer.name,
             traffic: Traffic::default(),
+            pending: Pending::default(),
             outbox,
             close,
             order: Mutex::new(None),

@@ -3,21 +3,37 @@
 
 use std::time::Duration;
 
+use sockframe::Message;
 use sockframe::client::{Client, ClientEvent};
-use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
+use sockframe::server::{ClientId, ProtocolMode, Server, ServerConfig, ServerEvent, ServerEvents};
 
 /// Upper bound for any single wait in a test: generous for a loaded 2-core machine, but a
 /// hang still fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A config listening on a port the OS picks.
+/// The default config (protocol `Auto`), listening on a port the OS picks.
 pub fn config() -> ServerConfig {
     ServerConfig::new("127.0.0.1:0".parse().unwrap())
 }
 
-/// Starts a server with the default config on an OS-picked loopback port.
+/// Like [`config`], but speaking only the tutorial framing: every connection is a tutorial
+/// connection from the start, so a raw socket is reported `Connected` at once (in `Auto`
+/// mode a peer that sends nothing is only classified after `detect_timeout`).
+pub fn tutorial_config() -> ServerConfig {
+    ServerConfig {
+        protocol: ProtocolMode::Tutorial,
+        ..config()
+    }
+}
+
+/// Starts a server with the default config (protocol `Auto`) on an OS-picked loopback port.
 pub async fn start_server() -> (Server, ServerEvents) {
     start_server_with(config()).await
+}
+
+/// Starts a tutorial-only server ([`tutorial_config`]) on an OS-picked loopback port.
+pub async fn start_tutorial_server() -> (Server, ServerEvents) {
+    start_server_with(tutorial_config()).await
 }
 
 /// Starts a server with `config` (its `bind` should be a loopback address with port 0).
@@ -59,11 +75,12 @@ pub async fn wait_for(
 }
 
 /// The next message the client receives, skipping connection notices; fails after [`WAIT`].
-pub async fn next_message(client: &mut Client) -> bytes::Bytes {
+pub async fn next_message(client: &mut Client) -> Message {
     tokio::time::timeout(WAIT, async {
         loop {
             match client.recv().await.expect("client event stream ended") {
                 ClientEvent::Message(m) => return m,
+                ClientEvent::Request(r) => panic!("expected a message, got a request {r:?}"),
                 _ => continue,
             }
         }

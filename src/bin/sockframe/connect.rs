@@ -25,6 +25,9 @@ pub struct Args {
     /// connected, reconnecting never gives up
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse::duration)]
     timeout: Duration,
+    /// Protocol, token and name.
+    #[command(flatten)]
+    peer: crate::peer::PeerArgs,
 }
 
 /// Connects, then relays stdin to the server and the server's messages to stdout until the
@@ -32,6 +35,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr.clone());
     config.reconnect = true;
+    args.peer.apply(&mut config);
     // The first connection gives up after --timeout; reconnects keep trying (the library's
     // default `reconnect_backoff` has no limit).
     config.backoff.deadline = Some(args.timeout);
@@ -63,7 +67,7 @@ pub async fn run(args: Args) -> Result<()> {
 async fn forward(mut lines: mpsc::Receiver<Line>, sender: ClientSender) -> Result<()> {
     while let Some(line) = lines.recv().await {
         let line = line.context("failed to read stdin")?;
-        match sender.send(line).await {
+        match sender.send(output::message_from_line(line)).await {
             Ok(()) => {}
             // Too long for a frame: this line is lost, the next may do.
             Err(e @ Error::Frame(_)) => eprintln!("error: message not sent: {e}"),
@@ -76,8 +80,16 @@ async fn forward(mut lines: mpsc::Receiver<Line>, sender: ClientSender) -> Resul
 /// Prints one client event: messages on stdout, connection notices on stderr.
 fn show(event: ClientEvent) -> Result<()> {
     match event {
-        ClientEvent::Message(payload) => {
-            print_line(&output::payload(&payload)).context("failed to write to stdout")?;
+        ClientEvent::Message(message) => {
+            print_line(&output::payload(&message)).context("failed to write to stdout")?;
+        }
+        ClientEvent::Request(request) => {
+            // An interactive client has nothing to answer with; dropping the request sends
+            // the server an `unhandled` error rather than leaving it waiting.
+            eprintln!(
+                "request from the server (not answered): {}",
+                output::payload(request.message())
+            );
         }
         ClientEvent::Connected { addr } => eprintln!("connected to {addr}"),
         ClientEvent::Disconnected { reason } => eprintln!("disconnected: {reason}"),

@@ -5,6 +5,8 @@ mod connect;
 mod input;
 mod output;
 mod parse;
+mod peer;
+mod request;
 mod send;
 mod serve;
 
@@ -32,6 +34,8 @@ enum Command {
     Connect(connect::Args),
     /// Send messages, wait until they are delivered, and exit
     Send(send::Args),
+    /// Send one request, print the answer, and exit
+    Request(request::Args),
 }
 
 /// Runs one subcommand; any error becomes one `error: ...` line on stderr and exit code 1.
@@ -50,6 +54,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args).await,
         Command::Connect(args) => connect::run(args).await,
         Command::Send(args) => send::run(args).await,
+        Command::Request(args) => request::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use serde_json::Value;
+use sockframe::Message;
 
 /// A payload as one line of text: valid UTF-8 is shown as text with backslashes and control
 /// characters escaped (`\\`, `\n`, `\r`, `\t`, `\u{1b}`); anything else as `hex:` followed
@@ -11,10 +12,21 @@ use serde_json::Value;
 ///
 /// A text message that itself reads `hex:...` looks the same as binary data here; `--json`
 /// (`text` versus `data_hex`) is the unambiguous form.
-pub fn payload(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => escape(text),
-        Err(_) => format!("hex:{}", hex(bytes)),
+///
+/// Binary messages of the sockframe protocol are always shown as hex, even when their bytes
+/// happen to be UTF-8: binary stays binary.
+pub fn payload(message: &Message) -> String {
+    match message.as_text() {
+        Some(text) => escape(text),
+        None => format!("hex:{}", hex(message)),
+    }
+}
+
+/// A message read from a terminal or script line: text when it is UTF-8, binary otherwise.
+pub fn message_from_line(line: Vec<u8>) -> Message {
+    match String::from_utf8(line) {
+        Ok(text) => Message::text(text),
+        Err(e) => Message::binary(e.into_bytes()),
     }
 }
 
@@ -48,13 +60,23 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The payload as a JSON field: `text` (unescaped; JSON has its own escaping) when it is
-/// valid UTF-8, `data_hex` otherwise.
-pub fn payload_field(bytes: &[u8]) -> (&'static str, Value) {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => ("text", Value::from(text)),
-        Err(_) => ("data_hex", Value::from(hex(bytes))),
+/// The payload as a JSON field: `text` (unescaped; JSON has its own escaping) for text, and
+/// for untyped messages that are valid UTF-8; `data_hex` otherwise.
+pub fn payload_field(message: &Message) -> (&'static str, Value) {
+    match message.as_text() {
+        Some(text) => ("text", Value::from(text)),
+        None => ("data_hex", Value::from(hex(message))),
     }
+}
+
+/// The message's kind as a JSON field: `text`, `binary` or `untyped` (tutorial framing).
+pub fn kind_field(message: &Message) -> (&'static str, Value) {
+    let kind = match message.kind() {
+        sockframe::MessageKind::Text => "text",
+        sockframe::MessageKind::Binary => "binary",
+        sockframe::MessageKind::Untyped => "untyped",
+    };
+    ("kind", Value::from(kind))
 }
 
 /// A one-line JSON object with its keys in the order given.
@@ -116,17 +138,21 @@ mod tests {
 
     #[test]
     fn text_is_escaped_onto_one_line() {
-        assert_eq!(payload(b"hello w\xc3\xb6rld"), "hello wörld");
-        assert_eq!(payload(b"a\nb\r\n\tc\\d"), "a\\nb\\r\\n\\tc\\\\d");
-        assert_eq!(payload(b"\x1b[31m\x00\x7f"), "\\u{1b}[31m\\u{0}\\u{7f}");
-        assert_eq!(payload("\u{85}".as_bytes()), "\\u{85}");
-        assert_eq!(payload(b""), "");
+        let untyped = |b: &[u8]| payload(&Message::untyped(b.to_vec()));
+        assert_eq!(untyped(b"hello w\xc3\xb6rld"), "hello wörld");
+        assert_eq!(untyped(b"a\nb\r\n\tc\\d"), "a\\nb\\r\\n\\tc\\\\d");
+        assert_eq!(untyped(b"\x1b[31m\x00\x7f"), "\\u{1b}[31m\\u{0}\\u{7f}");
+        assert_eq!(untyped("\u{85}".as_bytes()), "\\u{85}");
+        assert_eq!(untyped(b""), "");
+        assert_eq!(payload(&Message::text("a\nb")), "a\\nb");
     }
 
     #[test]
     fn other_bytes_are_hex() {
-        assert_eq!(payload(&[0xff, 0x00]), "hex:ff00");
-        assert_eq!(payload(&[0xc3]), "hex:c3");
+        assert_eq!(payload(&Message::untyped(vec![0xff, 0x00])), "hex:ff00");
+        assert_eq!(payload(&Message::untyped(vec![0xc3])), "hex:c3");
+        // Binary stays binary, even when its bytes are UTF-8.
+        assert_eq!(payload(&Message::binary(&b"hi"[..])), "hex:6869");
     }
 
     #[test]
@@ -134,11 +160,11 @@ mod tests {
         let line = json_object(&[
             ("event", Value::from("message")),
             ("client", Value::from(7)),
-            payload_field(b"a\"b\n"),
+            payload_field(&Message::text("a\"b\n")),
         ]);
         assert_eq!(line, r#"{"event":"message","client":7,"text":"a\"b\n"}"#);
         assert_eq!(
-            json_object(&[payload_field(&[0xff])]),
+            json_object(&[payload_field(&Message::untyped(vec![0xff]))]),
             r#"{"data_hex":"ff"}"#
         );
         assert_eq!(json_object(&[]), "{}");

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use sockframe::client::{Client, ClientConfig, ClientEvent, ClientSender};
 
-use crate::input;
 use crate::parse;
+use crate::{input, output};
 
 /// Arguments of `sockframe send`.
 #[derive(Debug, clap::Args)]
@@ -27,6 +27,9 @@ pub struct Args {
     /// How long to keep trying to connect, like 500ms, 5s or 2m
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse::duration)]
     timeout: Duration,
+    /// Protocol, token and name.
+    #[command(flatten)]
+    peer: crate::peer::PeerArgs,
 }
 
 /// Connects, sends, and closes cleanly: returns `Ok` only once every message was written and
@@ -34,6 +37,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr);
     config.backoff.deadline = Some(args.timeout);
+    args.peer.apply(&mut config);
     // No added context: the library's error reads "cannot connect to ADDR: connection
     // refused (is `sockframe serve` running?)", which says it all.
     let mut client = Client::connect(config).await?;
@@ -66,13 +70,13 @@ async fn feed(messages: Vec<OsString>, sender: ClientSender) -> Result<()> {
         while let Some(line) = lines.recv().await {
             let line = line.context("failed to read stdin")?;
             sender
-                .send(line)
+                .send(output::message_from_line(line))
                 .await
                 .context("failed to send a message")?;
         }
     } else {
         for (i, message) in messages.into_iter().enumerate() {
-            let message = os_bytes(message)?;
+            let message = output::message_from_line(os_bytes(message)?.to_vec());
             sender
                 .send(message)
                 .await

@@ -17,9 +17,8 @@ use std::net::SocketAddr;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use serde_json::Value;
-use sockframe::server::{ClientId, ClientInfo, Server, ServerConfig, ServerEvent};
+use sockframe::server::{ClientId, ClientInfo, ProtocolMode, Server, ServerConfig, ServerEvent};
 use tokio::sync::mpsc;
 
 use crate::input::{self, Line};
@@ -51,6 +50,64 @@ pub struct Args {
     /// Print events and `list` replies as JSON objects, one per line
     #[arg(long)]
     json: bool,
+    /// Protocols accepted: `auto` tells them apart by the first frame (a hello or not);
+    /// `auto` becomes `sockframe` when tokens are required
+    #[arg(long, value_enum, default_value_t = ServeProtocol::Auto)]
+    protocol: ServeProtocol,
+    /// Require a token: a file with one token per line (blank lines ignored). Tokens can also
+    /// come from the environment variable SOCKFRAME_TOKENS (comma-separated); never only from
+    /// the command line, where other users could read them
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// A ready test peer: echo every message to its sender and answer every request with its
+    /// own payload (events are still printed)
+    #[arg(long)]
+    echo: bool,
+    /// Ping sockframe clients this often; a client silent for 3 intervals is disconnected
+    /// ("0s" turns pings off)
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse::duration)]
+    heartbeat: std::time::Duration,
+    /// Disconnect clients that send no message for this long [default: off]
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+    idle_timeout: Option<std::time::Duration>,
+}
+
+/// `--protocol` of `serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ServeProtocol {
+    /// Both on one port, told apart by the first frame.
+    Auto,
+    /// Only the tutorial framing.
+    Tutorial,
+    /// Only the sockframe protocol.
+    Sockframe,
+}
+
+/// The tokens from `--token-file` and `SOCKFRAME_TOKENS`.
+fn load_tokens(file: Option<&std::path::Path>) -> Result<Vec<bytes::Bytes>> {
+    let mut tokens = Vec::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read the token file {}", path.display()))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from),
+        );
+        if tokens.is_empty() {
+            bail!("the token file {} holds no token", path.display());
+        }
+    }
+    if let Ok(list) = std::env::var("SOCKFRAME_TOKENS") {
+        tokens.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from),
+        );
+    }
+    Ok(tokens.into_iter().map(bytes::Bytes::from).collect())
 }
 
 /// `--max-frame`: a size the tutorial's signed 32-bit length can express.
@@ -72,6 +129,21 @@ pub async fn run(args: Args) -> Result<()> {
         config.max_frame = max;
     }
     config.max_connections = usize::try_from(args.max_conns).unwrap_or(usize::MAX);
+    config.protocol = match args.protocol {
+        ServeProtocol::Auto => ProtocolMode::Auto,
+        ServeProtocol::Tutorial => ProtocolMode::Tutorial,
+        ServeProtocol::Sockframe => ProtocolMode::Sockframe,
+    };
+    config.tokens = load_tokens(args.token_file.as_deref())?;
+    if !config.tokens.is_empty() && args.protocol == ServeProtocol::Tutorial {
+        bail!("tokens need the sockframe protocol; the tutorial framing cannot carry them");
+    }
+    config.heartbeat = (!args.heartbeat.is_zero()).then(|| sockframe::Heartbeat {
+        interval: args.heartbeat,
+        ..Default::default()
+    });
+    config.idle_timeout = args.idle_timeout;
+    let echo = args.echo;
     let print = Printer { json: args.json };
 
     // Before the `listening on` line: whoever reads it may signal us right away.
@@ -92,7 +164,12 @@ pub async fn run(args: Args) -> Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => print_line(&print.event(&event)).context("failed to write to stdout")?,
+                Some(event) => {
+                    print_line(&print.event(&event)).context("failed to write to stdout")?;
+                    if echo {
+                        echo_back(&server, event).await;
+                    }
+                }
                 None if shutdown.is_some() => break,
                 None => bail!("the server stopped unexpectedly"),
             },
@@ -121,6 +198,22 @@ pub async fn run(args: Args) -> Result<()> {
         shutdown.await.context("failed to shut down")?;
     }
     Ok(())
+}
+
+/// `--echo`: sends a message back to its sender, answers a request with its own payload.
+async fn echo_back(server: &Server, event: ServerEvent) {
+    match event {
+        ServerEvent::Message { client, message } => {
+            if let Err(e) = server.send(client, message).await {
+                tracing::debug!(%client, error = %e, "echo not sent");
+            }
+        }
+        ServerEvent::Request { request, .. } => {
+            let answer = request.message().clone();
+            let _ = request.respond(answer).await;
+        }
+        _ => {}
+    }
 }
 
 /// Reads and runs commands until the end of stdin. Returns an error only when stdout fails;
@@ -203,7 +296,7 @@ impl<'a> Command<'a> {
             _ => {
                 return Err(format!(
                     "unknown command `{}`; {USAGE}",
-                    output::payload(word)
+                    output::payload(&output::message_from_line(word.to_vec()))
                 ));
             }
         };
@@ -215,12 +308,18 @@ impl<'a> Command<'a> {
     async fn execute(self, server: &Server, print: Printer) -> io::Result<()> {
         match self {
             Command::Send(id, text) => {
-                if let Err(e) = server.send(id, Bytes::copy_from_slice(text)).await {
+                if let Err(e) = server
+                    .send(id, output::message_from_line(text.to_vec()))
+                    .await
+                {
                     eprintln!("error: cannot send to client {id}: {e}");
                 }
             }
             Command::Broadcast(text) => {
-                match server.broadcast(Bytes::copy_from_slice(text)).await {
+                match server
+                    .broadcast(output::message_from_line(text.to_vec()))
+                    .await
+                {
                     Ok(n) => eprintln!("broadcast to {n} client(s)"),
                     Err(e) => eprintln!("error: cannot broadcast: {e}"),
                 }
@@ -262,7 +361,7 @@ fn client_id(s: &[u8]) -> Result<ClientId, String> {
         .ok_or_else(|| {
             format!(
                 "bad client id `{}`: expected a number, as shown by `list`",
-                output::payload(s)
+                output::payload(&output::message_from_line(s.to_vec()))
             )
         })
 }
@@ -286,13 +385,23 @@ impl Printer {
                 ("client", client.0.into()),
                 ("addr", addr.to_string().into()),
             ]),
-            (ServerEvent::Message { client, payload }, false) => {
-                format!("message {client} {}", output::payload(payload))
+            (ServerEvent::Message { client, message }, false) => {
+                format!("message {client} {}", output::payload(message))
             }
-            (ServerEvent::Message { client, payload }, true) => json_object(&[
+            (ServerEvent::Message { client, message }, true) => json_object(&[
                 ("event", "message".into()),
                 ("client", client.0.into()),
-                output::payload_field(payload),
+                output::payload_field(message),
+                output::kind_field(message),
+            ]),
+            (ServerEvent::Request { client, request }, false) => {
+                format!("request {client} {}", output::payload(request.message()))
+            }
+            (ServerEvent::Request { client, request }, true) => json_object(&[
+                ("event", "request".into()),
+                ("client", client.0.into()),
+                output::payload_field(request.message()),
+                output::kind_field(request.message()),
             ]),
             (ServerEvent::Disconnected { client, reason }, false) => {
                 format!("disconnected {client} {reason}")
