@@ -80,6 +80,19 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// The TLS handshake failed on the certificates (not trusted, wrong name, no client
+    /// certificate). Not retried: the same certificates would fail again.
+    #[error("TLS with {addr} failed: {detail}")]
+    Certificate {
+        /// The server address.
+        addr: String,
+        /// What rustls reported.
+        detail: String,
+    },
+    /// TLS could not be set up (a certificate or key file, a name).
+    #[cfg(feature = "tls")]
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Closing left queued messages that were never written to a connection.
     #[error("{0} queued message(s) were not sent before the connection closed")]
     Undelivered(usize),

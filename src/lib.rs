@@ -15,6 +15,8 @@
 //!   send / broadcast / disconnect, graceful shutdown.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
+//! - `tls` (feature `tls`, on by default): rustls configurations, PEM loading, reloading,
+//!   and throw-away certificates for tests and first steps.
 //! - [`Message`] (text, binary or untyped), [`Request`] (an incoming request and its
 //!   responder), [`DisconnectReason`], [`OutboxLimits`], [`FullPolicy`], [`Heartbeat`],
 //!   [`Mode`], [`Error`]: shared types.
@@ -68,6 +70,8 @@ pub mod protocol;
 mod reason;
 mod request;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use connection::{Heartbeat, Mode};
 pub use error::Error;

@@ -662,3 +662,42 @@ fn tutorial_protocol_talks_to_a_tutorial_only_server() {
     assert!(server.stdout.next_line().starts_with("connected 1 "));
     assert_eq!(server.stdout.next_line(), "message 1 plain");
 }
+
+#[test]
+fn three_commands_to_an_encrypted_connection() {
+    let dir = std::env::temp_dir().join(format!("sockframe-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let mut cert = Proc::start(&["cert", "--out", out]);
+    assert!(cert.wait().success(), "cert failed: {:?}", cert.stderr.rest());
+    // Refuses to overwrite without --force.
+    let mut again = Proc::start(&["cert", "--out", out]);
+    assert!(!again.wait().success());
+
+    let (cert_pem, key_pem, ca_pem) = (
+        format!("{out}/server.pem"),
+        format!("{out}/server-key.pem"),
+        format!("{out}/ca.pem"),
+    );
+    let (_server, addr) = serve(&["--echo", "--tls-cert", &cert_pem, "--tls-key", &key_pem]);
+    let addr = addr.to_string();
+    let mut request = Proc::start(&["request", "--ca", &ca_pem, &addr, "secret"]);
+    assert!(
+        request.wait().success(),
+        "request failed: {:?}",
+        request.stderr.rest()
+    );
+    assert_eq!(request.stdout.rest(), vec!["secret".to_string()]);
+
+    // Without the CA the server is not trusted.
+    let mut untrusted = Proc::start(&["request", "--tls", &addr, "x", "--timeout", "2s"]);
+    assert!(!untrusted.wait().success());
+    let err = untrusted.stderr.rest().join("\n");
+    assert!(err.contains("certificate") || err.contains("no trusted roots"), "{err}");
+
+    // --insecure works, and says so.
+    let mut insecure = Proc::start(&["request", "--insecure", &addr, "risky"]);
+    assert!(insecure.wait().success());
+    assert!(insecure.stderr.rest().join("\n").contains("warning: --insecure"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

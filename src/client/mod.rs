@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -87,6 +87,10 @@ pub struct ClientConfig {
     pub idle_timeout: Option<Duration>,
     /// How long [`Client::request`] waits for an answer. Default 10 s.
     pub request_timeout: Duration,
+    /// TLS. Default none (plain TCP). The TLS handshake counts against
+    /// `handshake_timeout`.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ClientConfig {
@@ -113,6 +117,8 @@ impl ClientConfig {
             heartbeat: Some(Heartbeat::default()),
             idle_timeout: None,
             request_timeout: Duration::from_secs(10),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -350,10 +356,15 @@ impl ClientSender {
     }
 }
 
+/// The reading half of a plain or TLS stream.
+type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a plain or TLS stream.
+type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// An established connection: the two halves, after the handshake.
 struct Link {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: FrameWriter<OwnedWriteHalf>,
+    reader: FrameReader<ReadStream>,
+    writer: FrameWriter<WriteStream>,
     addr: Option<SocketAddr>,
     /// The server's id for us (sockframe protocol).
     server_id: Option<u64>,
@@ -509,7 +520,7 @@ async fn connect_with_backoff(
                 Ok(Ok(stream)) => match handshake(config, stream).await {
                     Ok(link) => return Ok(link),
                     // The same hello would be refused again: do not retry.
-                    Err(e @ Error::Rejected { .. }) => return Err(e),
+                    Err(e @ (Error::Rejected { .. } | Error::Certificate { .. })) => return Err(e),
                     Err(e) => {
                         tracing::debug!(attempt, error = %e, "handshake failed");
                         std::io::Error::other(e.to_string())
@@ -541,13 +552,50 @@ async fn connect_with_backoff(
     }
 }
 
+/// Runs the TLS handshake when configured, and splits the stream.
+async fn secure(config: &ClientConfig, stream: TcpStream) -> Result<(ReadStream, WriteStream)> {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        let name = tls.server_name(&config.addr)?;
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let stream =
+            tokio::time::timeout(config.handshake_timeout, connector.connect(name, stream))
+                .await
+                .map_err(|_| Error::Handshake {
+                    addr: config.addr.clone(),
+                    detail: format!("no TLS handshake within {:?}", config.handshake_timeout),
+                })?
+                .map_err(|e| {
+                    let detail = crate::reason::plain_io_message(&e);
+                    // rustls reports certificate and protocol failures as invalid data; those
+                    // would fail the same way again. Other errors (reset, closed) may not.
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        Error::Certificate {
+                            addr: config.addr.clone(),
+                            detail,
+                        }
+                    } else {
+                        Error::Handshake {
+                            addr: config.addr.clone(),
+                            detail: format!("TLS: {detail}"),
+                        }
+                    }
+                })?;
+        let (r, w) = tokio::io::split(stream);
+        return Ok((Box::new(r), Box::new(w)));
+    }
+    let _ = config;
+    let (r, w) = stream.into_split();
+    Ok((Box::new(r), Box::new(w)))
+}
+
 /// Opens the protocol on a new TCP connection: for the sockframe protocol, sends the hello
 /// and waits for the welcome.
 async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
     let addr = stream.peer_addr().ok();
-    let (r, w) = stream.into_split();
+    let (r, w) = secure(config, stream).await?;
     let mut reader = FrameReader::new(r, config.max_frame);
     let mut writer = FrameWriter::new(w, config.max_frame);
     if config.protocol == Mode::Tutorial {
@@ -572,7 +620,14 @@ async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
         writer.flush().await?;
         // The answer is small; do not let a confused peer announce a large frame.
         reader.set_max_frame(wire::MAX_HELLO);
-        let Some(answer) = reader.read_frame().await? else {
+        let answer = reader.read_frame().await.map_err(|e| match e {
+            Error::Frame(f) => failed(format!(
+                "{f}: the server does not answer in the sockframe protocol \
+                 (a TLS server? then connect with TLS)"
+            )),
+            other => other,
+        })?;
+        let Some(answer) = answer else {
             return Err(failed(
                 "the server closed the connection during the handshake".into(),
             ));

@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// How long [`Server::request`](super::Server::request) waits for an answer. Default 10 s.
     pub request_timeout: Duration,
+    /// TLS for every connection (both framings). Default none (plain TCP). The TLS handshake
+    /// runs in the connection's task within `handshake_timeout`; it never stalls accepting.
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +99,8 @@ impl Default for ServerConfig {
             heartbeat: Some(Heartbeat::default()),
             idle_timeout: None,
             request_timeout: Duration::from_secs(10),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

@@ -274,6 +274,16 @@ impl Server {
         self.inner.registry.get(client).map(|h| h.info())
     }
 
+    /// Loads the TLS certificate and key files again; new connections use them, existing
+    /// ones keep theirs. On error the previous pair stays in force. Does nothing without TLS.
+    #[cfg(feature = "tls")]
+    pub fn reload_tls(&self) -> Result<()> {
+        match &self.inner.config.tls {
+            Some(tls) => Ok(tls.reload()?),
+            None => Ok(()),
+        }
+    }
+
     /// Shuts down gracefully: stops accepting, delivers what is queued to each client
     /// (bounded by [`ServerConfig::drain_deadline`]), closes every connection with reason
     /// `shutdown`, and returns when every connection task has ended.
@@ -362,8 +372,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sen
     tracing::info!("stopped accepting");
 }
 
-/// Runs one client's connection: protocol detection and handshake, then registration, the
-/// `Connected` event, the connection itself, and the `Disconnected` event.
+/// Runs one accepted TCP connection: the TLS handshake when configured, then the rest.
 async fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
@@ -373,6 +382,44 @@ async fn serve_client(
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &inner.config.tls {
+        let accept = tls.acceptor().accept(stream);
+        let stream = match tokio::time::timeout(inner.config.handshake_timeout, accept).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%addr, "TLS handshake timed out");
+                return;
+            }
+        };
+        let cert_name = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(crate::tls::certificate_name);
+        return serve_stream(inner, stream, addr, events, permit, cert_name).await;
+    }
+    serve_stream(inner, stream, addr, events, permit, None).await
+}
+
+/// Runs one client's connection: protocol detection and handshake, then registration, the
+/// `Connected` event, the connection itself, and the `Disconnected` event. `cert_name` is
+/// the name in the client's TLS certificate (mutual TLS), which wins over a hello's name.
+async fn serve_stream<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    addr: SocketAddr,
+    events: mpsc::Sender<ServerEvent>,
+    permit: OwnedSemaphorePermit,
+    cert_name: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let config = &inner.config;
     let (mut reader, mut writer) = Connection::new(stream, config.max_frame).split();
     let Admitted {
@@ -395,6 +442,7 @@ async fn serve_client(
         writer.set_max_frame(config.max_frame + HEAD_ROOM);
     }
 
+    let name = cert_name.unwrap_or(name);
     let (outbox_tx, mut outbox_rx) = outbox(config.outbox);
     let registration = inner.registry.register(
         Peer { addr, mode, name },

@@ -35,7 +35,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr.clone());
     config.reconnect = true;
-    args.peer.apply(&mut config);
+    args.peer.apply(&mut config)?;
     // The first connection gives up after --timeout; reconnects keep trying (the library's
     // default `reconnect_backoff` has no limit).
     config.backoff.deadline = Some(args.timeout);

@@ -1,6 +1,7 @@
 //! `sockframe`: a command-line server and client for the tutorial's framing (a 4-byte
 //! little-endian length, then the payload).
 
+mod cert;
 mod connect;
 mod input;
 mod output;
@@ -36,6 +37,8 @@ enum Command {
     Send(send::Args),
     /// Send one request, print the answer, and exit
     Request(request::Args),
+    /// Create a local CA and server and client certificates for TLS
+    Cert(cert::Args),
 }
 
 /// Runs one subcommand; any error becomes one `error: ...` line on stderr and exit code 1.
@@ -55,6 +58,7 @@ async fn main() -> ExitCode {
         Command::Connect(args) => connect::run(args).await,
         Command::Send(args) => send::run(args).await,
         Command::Request(args) => request::run(args).await,
+        Command::Cert(args) => cert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr);
     config.backoff.deadline = Some(args.timeout);
-    args.peer.apply(&mut config);
+    args.peer.apply(&mut config)?;
     let client = Client::connect(config).await?;
     let answer = client
         .request_with_timeout(args.message, args.timeout)

@@ -37,7 +37,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr);
     config.backoff.deadline = Some(args.timeout);
-    args.peer.apply(&mut config);
+    args.peer.apply(&mut config)?;
     // No added context: the library's error reads "cannot connect to ADDR: connection
     // refused (is `sockframe serve` running?)", which says it all.
     let mut client = Client::connect(config).await?;

@@ -70,6 +70,17 @@ pub struct Args {
     /// Disconnect clients that send no message for this long [default: off]
     #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. SIGHUP reloads both
+    /// files: new connections use the new pair
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. A client's name in
+    /// `list` then comes from its certificate
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
 }
 
 /// `--protocol` of `serve`.
@@ -143,6 +154,10 @@ pub async fn run(args: Args) -> Result<()> {
         ..Default::default()
     });
     config.idle_timeout = args.idle_timeout;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let tls = sockframe::tls::ServerTls::from_files(cert, key, args.client_ca.clone())?;
+        config.tls = Some(std::sync::Arc::new(tls));
+    }
     let echo = args.echo;
     let print = Printer { json: args.json };
 
@@ -173,7 +188,18 @@ pub async fn run(args: Args) -> Result<()> {
                 None if shutdown.is_some() => break,
                 None => bail!("the server stopped unexpectedly"),
             },
-            () = signals.recv() => {
+            signal = signals.recv() => {
+                if signal == Signal::Reload {
+                    // Reload the TLS files; a bad new pair leaves the old one in force.
+                    match server.reload_tls() {
+                        Ok(()) if server.config().tls.is_some() => {
+                            eprintln!("reloaded the TLS certificate and key");
+                        }
+                        Ok(()) => eprintln!("SIGHUP: no TLS files to reload"),
+                        Err(e) => eprintln!("error: TLS reload failed, keeping the old pair: {e}"),
+                    }
+                    continue;
+                }
                 if shutdown.is_some() {
                     bail!("interrupted again; stopped without waiting for clients to disconnect");
                 }
@@ -444,6 +470,15 @@ impl Printer {
 }
 
 /// SIGINT (Ctrl-C) and, on Unix, SIGTERM, as one stream.
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT, SIGTERM: shut down gracefully.
+    Stop,
+    /// SIGHUP: reload the TLS files.
+    Reload,
+}
+
 struct Signals {
     /// SIGINT.
     #[cfg(unix)]
@@ -451,6 +486,9 @@ struct Signals {
     /// SIGTERM, which service managers and `kill` send.
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    /// SIGHUP: reload the TLS files.
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -462,6 +500,7 @@ impl Signals {
             Ok(Self {
                 interrupt: signal(SignalKind::interrupt())?,
                 terminate: signal(SignalKind::terminate())?,
+                hangup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
@@ -469,15 +508,17 @@ impl Signals {
     }
 
     /// Waits for the next signal.
-    async fn recv(&mut self) {
+    async fn recv(&mut self) -> Signal {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => Signal::Stop,
+            _ = self.terminate.recv() => Signal::Stop,
+            _ = self.hangup.recv() => Signal::Reload,
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
         }
     }
 }
