@@ -90,6 +90,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         *self.inner.decoder_mut() = TutorialCodec::with_max_frame(max_frame);
     }
 
+    /// Bytes received but not yet handed out (part of a frame still arriving).
+    pub fn buffered(&self) -> usize {
+        self.inner.read_buffer().len()
+    }
+
     /// The next payload; `Ok(None)` at a clean end of stream (between frames).
     ///
     /// Cancel-safe: a partly received frame stays in the buffer for the next call.
@@ -245,6 +250,61 @@ impl Default for Heartbeat {
     }
 }
 
+/// An inbound rate limit per connection: a token bucket of application messages (and
+/// requests). Control frames (pings, pongs) do not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained messages per second.
+    pub per_second: u32,
+    /// Messages that may arrive at once above the sustained rate.
+    pub burst: u32,
+    /// What happens to a peer over the limit.
+    pub action: RateAction,
+}
+
+/// What a [`RateLimit`] does to a peer that sends too fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateAction {
+    /// Stop reading until the bucket refills: TCP flow control slows the peer down.
+    Delay,
+    /// Disconnect it with reason `rate limited`.
+    Disconnect,
+}
+
+/// The token bucket behind a [`RateLimit`].
+#[derive(Debug)]
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit) -> Self {
+        Bucket {
+            limit,
+            tokens: f64::from(limit.burst.max(1)),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token; otherwise says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let rate = f64::from(self.limit.per_second.max(1));
+        let capacity = f64::from(self.limit.burst.max(1));
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
 /// Something queued for a connection's writer.
 #[derive(Debug, Clone)]
 pub(crate) enum Outgoing {
@@ -376,6 +436,10 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) heartbeat: Option<Heartbeat>,
     /// Close after this long without an application message.
     pub(crate) idle_timeout: Option<Duration>,
+    /// A frame that has started must be complete within this long (slowloris).
+    pub(crate) frame_timeout: Option<Duration>,
+    /// Inbound message rate limit.
+    pub(crate) rate_limit: Option<RateLimit>,
 }
 
 /// How a connection run by `drive` ended.
@@ -420,6 +484,8 @@ where
         mode: d.mode,
         max_body: d.max_body,
         refuse_late_hello: std::sync::atomic::AtomicBool::new(d.refuse_late_hello),
+        frame_timeout: d.frame_timeout,
+        bucket: d.rate_limit.map(|l| std::sync::Mutex::new(Bucket::new(l))),
         events: d.events,
         on_message: &d.on_message,
         on_request: &d.on_request,
@@ -549,6 +615,7 @@ fn close_frame(reason: &DisconnectReason) -> Frame {
         DisconnectReason::IdleTimeout => close_code::IDLE_TIMEOUT,
         DisconnectReason::Protocol(_) => close_code::PROTOCOL_ERROR,
         DisconnectReason::SlowConsumer => close_code::SLOW_CONSUMER,
+        DisconnectReason::RateLimited => close_code::RATE_LIMITED,
         _ => close_code::NORMAL,
     };
     Frame::Close {
@@ -563,6 +630,9 @@ struct Inbound<'a, E, M, R> {
     max_body: usize,
     /// See [`Drive::refuse_late_hello`]; cleared after the first frame.
     refuse_late_hello: std::sync::atomic::AtomicBool,
+    frame_timeout: Option<Duration>,
+    /// The rate limit's state (a mutex only to be `Sync`: one task uses it).
+    bucket: Option<std::sync::Mutex<Bucket>>,
     events: &'a mpsc::Sender<E>,
     on_message: &'a M,
     on_request: &'a R,
@@ -589,7 +659,7 @@ where
     ) -> DisconnectReason {
         loop {
             if held.is_none() {
-                match reader.read_frame().await {
+                match self.read(reader).await {
                     Ok(Some(frame)) => {
                         self.liveness.frame();
                         *held = Some(frame);
@@ -608,8 +678,12 @@ where
             }
             if self.mode == Mode::Tutorial {
                 let message = Message::untyped(raw.clone());
-                self.deliver(held, (self.on_message)(message), raw.len())
-                    .await;
+                if let Err(reason) = self
+                    .deliver(held, (self.on_message)(message), raw.len())
+                    .await
+                {
+                    return reason;
+                }
                 continue;
             }
             let parsed = wire::parse(raw);
@@ -634,13 +708,17 @@ where
                 Ok(Frame::Message { kind, body }) => {
                     let len = body.len();
                     let event = (self.on_message)(Message::from_wire(kind, body));
-                    self.deliver(held, event, len).await;
+                    if let Err(reason) = self.deliver(held, event, len).await {
+                        return reason;
+                    }
                 }
                 Ok(Frame::Request { id, kind, body }) => {
                     let len = body.len();
                     let request =
                         Request::new(id, Message::from_wire(kind, body), self.reply.clone());
-                    self.deliver(held, (self.on_request)(request), len).await;
+                    if let Err(reason) = self.deliver(held, (self.on_request)(request), len).await {
+                        return reason;
+                    }
                 }
                 Ok(Frame::Response { id, result }) => {
                     held.take();
@@ -671,8 +749,66 @@ where
         }
     }
 
+    /// Reads the next frame; a frame that has started must finish within `frame_timeout`.
+    ///
+    /// Checked every quarter of the timeout: the reader's buffer holds bytes only while a
+    /// frame is incomplete (complete ones are handed out first), so a buffer that stays
+    /// non-empty across the timeout is a frame that does not finish.
+    async fn read<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+    ) -> crate::Result<Option<Bytes>> {
+        let Some(limit) = self.frame_timeout else {
+            return reader.read_frame().await;
+        };
+        let tick = (limit / 4).max(Duration::from_millis(10));
+        let mut started: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                frame = reader.read_frame() => return frame,
+                _ = tokio::time::sleep(tick) => {
+                    let partial = reader.buffered();
+                    if partial == 0 {
+                        started = None;
+                    } else if started.get_or_insert_with(Instant::now).elapsed() + tick > limit {
+                        return Err(crate::Error::FrameTimeout { limit, have: partial });
+                    }
+                }
+            }
+        }
+    }
+
     /// Hands an application event on, waiting for room; then the held frame is done.
-    async fn deliver(&self, held: &mut Option<Bytes>, event: E, len: usize) {
+    /// Applies the rate limit first.
+    async fn deliver(
+        &self,
+        held: &mut Option<Bytes>,
+        event: E,
+        len: usize,
+    ) -> Result<(), DisconnectReason> {
+        if let Some(bucket) = &self.bucket {
+            loop {
+                let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match wait {
+                    Ok(()) => break,
+                    Err(wait) => {
+                        let action = bucket
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .limit
+                            .action;
+                        if action == RateAction::Disconnect {
+                            return Err(DisconnectReason::RateLimited);
+                        }
+                        // Not reading meanwhile is the point; the peer's silence is ours.
+                        self.liveness.paused.store(true, Ordering::Relaxed);
+                        tokio::time::sleep(wait).await;
+                        self.liveness.paused.store(false, Ordering::Relaxed);
+                        self.liveness.frame();
+                    }
+                }
+            }
+        }
         // Reserve first: if this future is dropped while waiting, the frame stays held.
         let slot = match self.events.try_reserve() {
             Ok(slot) => Ok(slot),
@@ -694,6 +830,7 @@ where
             slot.send(event);
         }
         // Without a listener the event is discarded, but the connection keeps being served.
+        Ok(())
     }
 }
 

@@ -47,6 +47,14 @@ pub enum Error {
     /// The client's outgoing queue was full and the policy is to disconnect it.
     #[error("client {0} is not reading fast enough; its queue was full and it was disconnected")]
     SlowConsumer(ClientId),
+    /// A frame that had started did not finish within the frame timeout.
+    #[error("a frame was not completed within {limit:?} ({have} bytes of it arrived)")]
+    FrameTimeout {
+        /// The frame timeout.
+        limit: std::time::Duration,
+        /// Bytes of the frame that had arrived.
+        have: usize,
+    },
     /// The connection ended before the request was answered.
     #[error("the connection ended before an answer arrived")]
     Disconnected,

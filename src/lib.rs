@@ -73,7 +73,7 @@ pub mod server;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use connection::{Heartbeat, Mode};
+pub use connection::{Heartbeat, Mode, RateAction, RateLimit};
 pub use error::Error;
 pub use message::{Message, MessageKind};
 pub use outbox::{FullPolicy, OutboxLimits};

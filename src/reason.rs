@@ -30,6 +30,8 @@ pub enum DisconnectReason {
     HeartbeatTimeout,
     /// No application message arrived within the idle timeout.
     IdleTimeout,
+    /// The peer sent faster than its rate limit allows.
+    RateLimited,
     /// Another I/O error; the text says which.
     Io(String),
 }
@@ -54,6 +56,7 @@ impl DisconnectReason {
             HEARTBEAT_TIMEOUT => DisconnectReason::HeartbeatTimeout,
             IDLE_TIMEOUT => DisconnectReason::IdleTimeout,
             SLOW_CONSUMER => DisconnectReason::SlowConsumer,
+            RATE_LIMITED => DisconnectReason::RateLimited,
             PROTOCOL_ERROR => DisconnectReason::Protocol(format!("the peer reported: {text}")),
             _ => DisconnectReason::ClosedByPeer,
         }
@@ -64,6 +67,7 @@ impl DisconnectReason {
         match e {
             crate::Error::Io(io) => Self::from_io(io),
             crate::Error::Frame(f) => DisconnectReason::Protocol(f.to_string()),
+            e @ crate::Error::FrameTimeout { .. } => DisconnectReason::Protocol(e.to_string()),
             other => DisconnectReason::Io(other.to_string()),
         }
     }
@@ -80,6 +84,7 @@ impl DisconnectReason {
             DisconnectReason::Closed => "closed",
             DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
             DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::RateLimited => "rate_limited",
             DisconnectReason::Io(_) => "io_error",
         }
     }
@@ -97,6 +102,7 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::Closed => f.write_str("closed"),
             DisconnectReason::HeartbeatTimeout => f.write_str("heartbeat timeout"),
             DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
+            DisconnectReason::RateLimited => f.write_str("rate limited"),
             DisconnectReason::Io(detail) => write!(f, "i/o error: {detail}"),
         }
     }

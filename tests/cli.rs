@@ -669,7 +669,11 @@ fn three_commands_to_an_encrypted_connection() {
     let _ = std::fs::remove_dir_all(&dir);
     let out = dir.to_str().unwrap();
     let mut cert = Proc::start(&["cert", "--out", out]);
-    assert!(cert.wait().success(), "cert failed: {:?}", cert.stderr.rest());
+    assert!(
+        cert.wait().success(),
+        "cert failed: {:?}",
+        cert.stderr.rest()
+    );
     // Refuses to overwrite without --force.
     let mut again = Proc::start(&["cert", "--out", out]);
     assert!(!again.wait().success());
@@ -693,11 +697,20 @@ fn three_commands_to_an_encrypted_connection() {
     let mut untrusted = Proc::start(&["request", "--tls", &addr, "x", "--timeout", "2s"]);
     assert!(!untrusted.wait().success());
     let err = untrusted.stderr.rest().join("\n");
-    assert!(err.contains("certificate") || err.contains("no trusted roots"), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("no trusted roots"),
+        "{err}"
+    );
 
     // --insecure works, and says so.
     let mut insecure = Proc::start(&["request", "--insecure", &addr, "risky"]);
     assert!(insecure.wait().success());
-    assert!(insecure.stderr.rest().join("\n").contains("warning: --insecure"));
+    assert!(
+        insecure
+            .stderr
+            .rest()
+            .join("\n")
+            .contains("warning: --insecure")
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,6 +87,9 @@ pub struct ClientConfig {
     pub idle_timeout: Option<Duration>,
     /// How long [`Client::request`] waits for an answer. Default 10 s.
     pub request_timeout: Duration,
+    /// A frame from the server that has started must be complete within this long.
+    /// Default 30 s.
+    pub frame_timeout: Option<Duration>,
     /// TLS. Default none (plain TCP). The TLS handshake counts against
     /// `handshake_timeout`.
     #[cfg(feature = "tls")]
@@ -117,6 +120,7 @@ impl ClientConfig {
             heartbeat: Some(Heartbeat::default()),
             idle_timeout: None,
             request_timeout: Duration::from_secs(10),
+            frame_timeout: Some(Duration::from_secs(30)),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -423,6 +427,8 @@ async fn run(
                 drain_deadline: config.drain_deadline,
                 heartbeat: config.heartbeat,
                 idle_timeout: config.idle_timeout,
+                frame_timeout: config.frame_timeout,
+                rate_limit: None,
             },
         )
         .await;

@@ -153,6 +153,8 @@ pub mod close_code {
     pub const SHUTDOWN: u16 = 5;
     /// The peer did not read fast enough.
     pub const SLOW_CONSUMER: u16 = 6;
+    /// The peer sent faster than its rate limit allows.
+    pub const RATE_LIMITED: u16 = 7;
 }
 
 /// Error codes of an error response.

@@ -74,6 +74,18 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// How long [`Server::request`](super::Server::request) waits for an answer. Default 10 s.
     pub request_timeout: Duration,
+    /// A frame that has started arriving must be complete within this long, or the client is
+    /// disconnected (a "slowloris" holds memory and a slot by sending a frame a byte at a
+    /// time). Default 30 s: a 16 MiB frame at 5 Mbit/s. `None` turns it off.
+    pub frame_timeout: Option<Duration>,
+    /// Inbound message rate limit per client. Default none.
+    pub rate_limit: Option<crate::connection::RateLimit>,
+    /// Most connections at once from one IP address. Default 512.
+    pub max_connections_per_ip: usize,
+    /// If not empty, only clients from these networks are accepted. Default empty.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Clients from these networks are refused (checked after `allow`). Default empty.
+    pub deny: Vec<ipnet::IpNet>,
     /// TLS for every connection (both framings). Default none (plain TCP). The TLS handshake
     /// runs in the connection's task within `handshake_timeout`; it never stalls accepting.
     #[cfg(feature = "tls")]
@@ -99,6 +111,11 @@ impl Default for ServerConfig {
             heartbeat: Some(Heartbeat::default()),
             idle_timeout: None,
             request_timeout: Duration::from_secs(10),
+            frame_timeout: Some(Duration::from_secs(30)),
+            rate_limit: None,
+            max_connections_per_ip: 512,
+            allow: Vec::new(),
+            deny: Vec::new(),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -112,6 +129,13 @@ impl ServerConfig {
             ProtocolMode::Auto if !self.tokens.is_empty() => ProtocolMode::Sockframe,
             mode => mode,
         }
+    }
+
+    /// Whether a client from `ip` may connect under the allow and deny lists.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        (self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip)))
+            && !self.deny.iter().any(|net| net.contains(&ip))
     }
 
     /// The default configuration listening on `bind`.

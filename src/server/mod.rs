@@ -339,6 +339,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sender<ServerEvent>) {
     let limit = Arc::new(Semaphore::new(inner.config.max_connections));
+    let per_ip = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let accepted = tokio::select! {
             _ = inner.shutdown.cancelled() => break,
@@ -356,10 +357,23 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sen
                 }
             }
         };
+        if !inner.config.admits(addr.ip()) {
+            tracing::debug!(%addr, "refused by the allow/deny lists");
+            continue;
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%addr, limit = inner.config.max_connections, "connection limit reached; refusing");
             drop(stream);
             continue;
+        };
+        let Some(per_ip) = PerIp::take(&per_ip, addr.ip(), inner.config.max_connections_per_ip)
+        else {
+            tracing::warn!(%addr, limit = inner.config.max_connections_per_ip, "per-address connection limit reached; refusing");
+            continue;
+        };
+        let permit = Slot {
+            _global: permit,
+            _per_ip: per_ip,
         };
         inner.tasks.spawn(serve_client(
             inner.clone(),
@@ -372,13 +386,57 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sen
     tracing::info!("stopped accepting");
 }
 
+/// A connection's place under the global and the per-address limits; freed on drop.
+struct Slot {
+    _global: OwnedSemaphorePermit,
+    _per_ip: PerIp,
+}
+
+/// Connections per IP address.
+type PerIpCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection counted against its address; uncounted on drop.
+struct PerIp {
+    counts: PerIpCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    /// Counts a connection from `ip`, unless `max` are already open.
+    fn take(counts: &PerIpCounts, ip: std::net::IpAddr, max: usize) -> Option<PerIp> {
+        let ip = ip.to_canonical();
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerIp {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Runs one accepted TCP connection: the TLS handshake when configured, then the rest.
 async fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
     events: mpsc::Sender<ServerEvent>,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
@@ -415,7 +473,7 @@ async fn serve_stream<S>(
     stream: S,
     addr: SocketAddr,
     events: mpsc::Sender<ServerEvent>,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     cert_name: Option<String>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -498,6 +556,8 @@ async fn serve_stream<S>(
                     drain_deadline: config.drain_deadline,
                     heartbeat: config.heartbeat,
                     idle_timeout: config.idle_timeout,
+                    frame_timeout: config.frame_timeout,
+                    rate_limit: config.rate_limit,
                 },
             )
             .await
@@ -505,6 +565,9 @@ async fn serve_stream<S>(
         }
     };
     handle.pending.fail_all();
+    // Fail sends still waiting for room in this client's queue now: an application blocked
+    // in such a send may be the one that must read the event below.
+    drop(outbox_rx);
     // Unregister and free the connection slot before reporting, so that `clients()` never
     // lists a client already reported gone and a client may reconnect as soon as it is.
     drop(registration);
