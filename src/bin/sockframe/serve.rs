@@ -9,22 +9,29 @@
 //! disconnected 1 closed by peer
 //! ```
 //!
+//! With `--discard`, `--echo` or `--fanout` (targets for `sockframe bench`), messages are
+//! counted instead of printed: a rate per second on stderr, and totals when the server stops.
+//!
 //! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
 //! `help`. The text is sent as typed, byte for byte (no escapes are interpreted).
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use serde_json::Value;
+use sockframe::FullPolicy;
 use sockframe::server::{ClientId, ClientInfo, Server, ServerConfig, ServerEvent};
 use tokio::sync::mpsc;
 
 use crate::input::{self, Line};
 use crate::output::{self, json_object, print_line};
 use crate::parse;
+
+/// Most events handled per pass through the main loop.
+const EVENT_BATCH: usize = 256;
 
 /// The commands `serve` reads on stdin, for `help` and error messages.
 const USAGE: &str = "commands: send <id> <text> | broadcast <text> | list | kick <id> | help";
@@ -51,6 +58,16 @@ pub struct Args {
     /// Print events and `list` replies as JSON objects, one per line
     #[arg(long)]
     json: bool,
+    /// Benchmark target: count each message and drop it
+    #[arg(long, group = "load")]
+    discard: bool,
+    /// Benchmark target: send each message back to its sender
+    #[arg(long, group = "load")]
+    echo: bool,
+    /// Benchmark target: send each message to every other client, waiting for full queues
+    /// (nothing is dropped; the sender is slowed to the slowest reader's pace)
+    #[arg(long, group = "load")]
+    fanout: bool,
 }
 
 /// `--max-frame`: a size the tutorial's signed 32-bit length can express.
@@ -72,6 +89,10 @@ pub async fn run(args: Args) -> Result<()> {
         config.max_frame = max;
     }
     config.max_connections = usize::try_from(args.max_conns).unwrap_or(usize::MAX);
+    let mut load = Load::new(&args);
+    if args.fanout {
+        config.broadcast_policy = FullPolicy::Wait;
+    }
     let print = Printer { json: args.json };
 
     // Before the `listening on` line: whoever reads it may signal us right away.
@@ -89,13 +110,30 @@ pub async fn run(args: Args) -> Result<()> {
     let mut commands = tokio::spawn(run_commands(server.clone(), lines, print));
     let mut commands_done = false;
     let mut shutdown = None;
+    let mut rate = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => print_line(&print.event(&event)).context("failed to write to stdout")?,
+                Some(event) => {
+                    // Also take what else is ready, up to a bound: one pass through this
+                    // `select!` per batch of events instead of per event.
+                    let mut next = Some(event);
+                    let mut taken = 0;
+                    while let Some(event) = next {
+                        if let Some(event) = load.take(&server, event).await {
+                            print_line(&print.event(&event)).context("failed to write to stdout")?;
+                        }
+                        taken += 1;
+                        next = if taken < EVENT_BATCH { events.try_recv() } else { None };
+                    }
+                }
                 None if shutdown.is_some() => break,
                 None => bail!("the server stopped unexpectedly"),
             },
+            _ = rate.tick(), if load.mode.is_some() => load.print_rate(),
             () = signals.recv() => {
                 if shutdown.is_some() {
                     bail!("interrupted again; stopped without waiting for clients to disconnect");
@@ -120,7 +158,91 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(shutdown) = shutdown {
         shutdown.await.context("failed to shut down")?;
     }
+    load.print_totals();
     Ok(())
+}
+
+/// What `--discard`, `--echo` and `--fanout` do with messages instead of printing them.
+#[derive(Debug, Clone, Copy)]
+enum LoadMode {
+    Discard,
+    Echo,
+    Fanout,
+}
+
+/// Message counts of a benchmark target. Counted here, on the events the application
+/// receives, so they include the library's whole receive path.
+#[derive(Debug)]
+struct Load {
+    /// `None` when serving normally.
+    mode: Option<LoadMode>,
+    messages: u64,
+    bytes: u64,
+    /// The counts at the last rate line.
+    reported: (u64, u64),
+    /// When the last rate line was printed.
+    since: tokio::time::Instant,
+}
+
+impl Load {
+    fn new(args: &Args) -> Self {
+        let mode = match (args.discard, args.echo, args.fanout) {
+            (true, _, _) => Some(LoadMode::Discard),
+            (_, true, _) => Some(LoadMode::Echo),
+            (_, _, true) => Some(LoadMode::Fanout),
+            _ => None,
+        };
+        Self {
+            mode,
+            messages: 0,
+            bytes: 0,
+            reported: (0, 0),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Handles a message in a benchmark mode; gives back every other event (and every event
+    /// when serving normally) to be printed.
+    async fn take(&mut self, server: &Server, event: ServerEvent) -> Option<ServerEvent> {
+        let (Some(mode), ServerEvent::Message { client, payload }) = (self.mode, &event) else {
+            return Some(event);
+        };
+        self.messages += 1;
+        self.bytes += payload.len() as u64;
+        match mode {
+            LoadMode::Discard => {}
+            // A client that left meanwhile is no error for a benchmark target.
+            LoadMode::Echo => drop(server.send(*client, payload.clone()).await),
+            LoadMode::Fanout => drop(server.broadcast_except(*client, payload.clone()).await),
+        }
+        None
+    }
+
+    /// One line on stderr with the rate since the last one, unless nothing arrived.
+    fn print_rate(&mut self) {
+        let now = tokio::time::Instant::now();
+        let secs = (now - self.since).as_secs_f64().max(1e-9);
+        let (messages, bytes) = (
+            self.messages - self.reported.0,
+            self.bytes - self.reported.1,
+        );
+        if messages > 0 {
+            eprintln!(
+                "{:.0} messages/s, {:.1} MB/s",
+                messages as f64 / secs,
+                bytes as f64 / secs / 1e6
+            );
+        }
+        self.reported = (self.messages, self.bytes);
+        self.since = now;
+    }
+
+    /// The totals, on stderr, when the server stops.
+    fn print_totals(&self) {
+        if self.mode.is_some() {
+            eprintln!("total: {} messages, {} bytes", self.messages, self.bytes);
+        }
+    }
 }
 
 /// Reads and runs commands until the end of stdin. Returns an error only when stdout fails;
