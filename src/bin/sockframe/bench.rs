@@ -13,7 +13,8 @@
 //!   and round trips per second.
 //! - `broadcast`: `--conns` readers and one extra sender against a fan-out server
 //!   (`sockframe serve --fanout`), which sends every message to every other client; reports
-//!   deliveries (messages received by the readers) per second.
+//!   deliveries (messages received by the readers) per second. The sender stays at most
+//!   [`BROADCAST_AHEAD`] messages ahead of the slowest reader, so no server queue overflows.
 //! - `idle`: opens `--conns` connections, sends nothing for `--duration`, then closes them;
 //!   for measuring what an idle connection costs the server.
 //!
@@ -41,6 +42,10 @@ use crate::parse;
 
 /// Frames for small messages are batched into writes of about this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
+
+/// `broadcast`: most messages the sender may have sent that the slowest reader has not yet
+/// received (well under the server's default queue of 1,024 messages per client).
+const BROADCAST_AHEAD: u64 = 512;
 
 /// Connections opened concurrently while connecting (keeps connect bursts under the
 /// server's listen backlog).
@@ -168,14 +173,16 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
         Mode::Broadcast => {
+            let mut received = Vec::with_capacity(streams.len());
             for stream in streams {
+                let mine = Arc::new(AtomicU64::new(0));
+                received.push(mine.clone());
                 let (c, s) = (counters.clone(), stop.clone());
-                tasks.spawn(async move { count_frames(stream, c, s).await.map(|()| None) });
+                tasks.spawn(async move { count_frames(stream, mine, c, s).await.map(|()| None) });
             }
-            // The sender's writes are not what is counted: it gets counters of its own.
             let sender = connect_one(&args.addr).await?;
-            let (c, s) = (Arc::new(Counters::default()), stop.clone());
-            tasks.spawn(async move { write_flat_out(sender, one, c, s).await.map(|()| None) });
+            let s = stop.clone();
+            tasks.spawn(async move { send_paced(sender, one, received, s).await.map(|()| None) });
         }
         Mode::Idle => {
             let held = Instant::now();
@@ -453,9 +460,49 @@ async fn write_flat_out(
     }
 }
 
-/// Reads frames and counts them, parsing the length prefixes in place.
+/// Sends frames in batches, staying at most [`BROADCAST_AHEAD`] messages ahead of the reader
+/// that has received the fewest (`received`: one count per reader).
+async fn send_paced(
+    mut stream: TcpStream,
+    one: Vec<u8>,
+    received: Vec<Arc<AtomicU64>>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let per_batch = (WRITE_BATCH / one.len()).clamp(1, BROADCAST_AHEAD as usize / 4) as u64;
+    let batch = one.repeat(per_batch as usize);
+    let mut sent = 0u64;
+    let send = async {
+        loop {
+            loop {
+                let slowest = received
+                    .iter()
+                    .map(|r| r.load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(sent);
+                if sent + per_batch <= slowest + BROADCAST_AHEAD {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stream.write_all(&batch).await?;
+            sent += per_batch;
+        }
+    };
+    let result: io::Result<()> = tokio::select! {
+        () = stop.cancelled() => Ok(()),
+        r = send => r,
+    };
+    match result {
+        Err(e) if !stop.is_cancelled() => Err(e).context("writing to the server failed"),
+        _ => Ok(()),
+    }
+}
+
+/// Reads frames and counts them (in `mine` and in `counters`), parsing the length prefixes
+/// in place.
 async fn count_frames(
     mut stream: TcpStream,
+    mine: Arc<AtomicU64>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> Result<()> {
@@ -466,6 +513,7 @@ async fn count_frames(
                 bail!("the server closed the connection");
             }
             let n = take_frames(&mut buf, |_| Ok(()))?;
+            mine.fetch_add(n, Ordering::Relaxed);
             counters.messages.fetch_add(n, Ordering::Relaxed);
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(64 * 1024);

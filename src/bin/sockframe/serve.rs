@@ -61,11 +61,12 @@ pub struct Args {
     /// Benchmark target: count each message and drop it
     #[arg(long, group = "load")]
     discard: bool,
-    /// Benchmark target: send each message back to its sender
+    /// Benchmark target: send each message back to its sender (a client whose queue fills up
+    /// because it does not read is disconnected as a slow consumer)
     #[arg(long, group = "load")]
     echo: bool,
-    /// Benchmark target: send each message to every other client, waiting for full queues
-    /// (nothing is dropped; the sender is slowed to the slowest reader's pace)
+    /// Benchmark target: send each message to every other client (a client whose queue fills
+    /// up is disconnected as a slow consumer)
     #[arg(long, group = "load")]
     fanout: bool,
 }
@@ -90,8 +91,10 @@ pub async fn run(args: Args) -> Result<()> {
     }
     config.max_connections = usize::try_from(args.max_conns).unwrap_or(usize::MAX);
     let mut load = Load::new(&args);
-    if args.fanout {
-        config.broadcast_policy = FullPolicy::Wait;
+    if args.echo {
+        // Never wait on one client's queue here: while this loop waits, no event is taken,
+        // and a client that left meanwhile cannot report it and release its queue.
+        config.send_policy = FullPolicy::Disconnect;
     }
     let print = Printer { json: args.json };
 
