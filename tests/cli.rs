@@ -714,3 +714,141 @@ fn three_commands_to_an_encrypted_connection() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `sockframe bench ADDR args... --json` to completion and returns its result.
+fn bench(addr: SocketAddr, args: &[&str]) -> Value {
+    let addr = addr.to_string();
+    let mut all = vec!["bench", &addr, "--json"];
+    all.extend_from_slice(args);
+    let mut bench = Proc::start(&all);
+    let status = bench.wait();
+    assert!(
+        status.success(),
+        "bench failed ({status}): {:?}",
+        bench.stderr.rest()
+    );
+    bench.stdout.next_json()
+}
+
+/// Stops a benchmark target with SIGTERM and returns the message total it prints.
+fn total_messages(server: &mut Proc) -> u64 {
+    server.terminate();
+    let line = server.stderr.wait_prefix("total: ");
+    assert!(server.wait().success(), "serve failed: {line}");
+    // "total: N messages, B bytes"
+    line["total: ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad totals line {line:?}"))
+}
+
+#[test]
+fn bench_throughput_against_serve_discard() {
+    let (mut server, addr) = serve(&["--protocol", "tutorial", "--discard"]);
+    let result = bench(
+        addr,
+        &["--conns", "2", "--duration", "1s", "--warmup", "100ms"],
+    );
+    assert_eq!(result["mode"], "throughput", "{result}");
+    assert_eq!(result["conns"], 2);
+    assert_eq!(result["size"], 64);
+    let messages = result["messages"].as_u64().unwrap();
+    assert!(messages > 0, "{result}");
+    assert_eq!(result["bytes"].as_u64().unwrap(), messages * 64);
+    assert!(result["messages_per_s"].as_f64().unwrap() > 0.0, "{result}");
+    // Messages are counted, not printed; connection events still are.
+    server.stdout.wait_prefix("connected 1 ");
+    assert!(total_messages(&mut server) > 0);
+    assert!(
+        !server.stdout.seen.iter().any(|l| l.starts_with("message")),
+        "{:?}",
+        server.stdout.seen
+    );
+}
+
+#[test]
+fn bench_pingpong_against_serve_echo() {
+    let (mut server, addr) = serve(&["--protocol", "tutorial", "--echo"]);
+    let result = bench(
+        addr,
+        &[
+            "--mode",
+            "pingpong",
+            "--window",
+            "4",
+            "--size",
+            "1KiB",
+            "--duration",
+            "1s",
+            "--warmup",
+            "100ms",
+        ],
+    );
+    assert_eq!(result["mode"], "pingpong", "{result}");
+    assert_eq!(result["window"], 4);
+    assert!(result["round_trips"].as_u64().unwrap() > 0, "{result}");
+    let us = |key: &str| result[key].as_f64().unwrap();
+    assert!(us("p50_us") > 0.0, "{result}");
+    assert!(us("p50_us") <= us("p99_us") && us("p99_us") <= us("p999_us"));
+    assert!(us("p999_us") <= us("max_us"), "{result}");
+    assert!(total_messages(&mut server) > 0);
+}
+
+#[test]
+fn bench_broadcast_against_serve_fanout() {
+    let (mut server, addr) = serve(&["--protocol", "tutorial", "--fanout"]);
+    let result = bench(
+        addr,
+        &[
+            "--mode",
+            "broadcast",
+            "--conns",
+            "3",
+            "--size",
+            "100",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+        ],
+    );
+    assert_eq!(result["mode"], "broadcast", "{result}");
+    assert!(result["deliveries"].as_u64().unwrap() > 0, "{result}");
+    // The sender's messages are what the server counts.
+    assert!(total_messages(&mut server) > 0);
+}
+
+#[test]
+fn bench_idle_holds_connections() {
+    let (mut server, addr) = serve(&["--protocol", "tutorial"]);
+    let result = bench(
+        addr,
+        &["--mode", "idle", "--conns", "5", "--duration", "200ms"],
+    );
+    assert_eq!(result["mode"], "idle", "{result}");
+    assert_eq!(result["conns"], 5);
+    for _ in 0..5 {
+        server.stdout.wait_prefix("connected ");
+    }
+    for _ in 0..5 {
+        server.stdout.wait_prefix("disconnected ");
+    }
+}
+
+#[test]
+fn bench_reports_unreachable_server() {
+    // A port nobody listens on: bind one, note it, close it.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut bench = Proc::start(&["bench", &addr, "--duration", "1s"]);
+    assert!(!bench.wait().success());
+    let error = bench.stderr.wait_prefix("error: ");
+    assert!(
+        error.contains(&format!("cannot connect to {addr}")),
+        "{error}"
+    );
+}

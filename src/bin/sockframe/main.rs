@@ -1,6 +1,7 @@
 //! `sockframe`: a command-line server and client for the tutorial's framing (a 4-byte
 //! little-endian length, then the payload).
 
+mod bench;
 mod cert;
 mod connect;
 mod input;
@@ -39,6 +40,8 @@ enum Command {
     Request(request::Args),
     /// Create a local CA and server and client certificates for TLS
     Cert(cert::Args),
+    /// Load a server speaking the framing and measure it (throughput, latency, fan-out)
+    Bench(bench::Args),
 }
 
 /// Runs one subcommand; any error becomes one `error: ...` line on stderr and exit code 1.
@@ -53,12 +56,21 @@ async fn main() -> ExitCode {
                 .from_env_lossy(),
         )
         .init();
-    let result = match cli.command {
-        Command::Serve(args) => serve::run(args).await,
-        Command::Connect(args) => connect::run(args).await,
-        Command::Send(args) => send::run(args).await,
-        Command::Request(args) => request::run(args).await,
-        Command::Cert(args) => cert::run(args),
+    // On a worker thread rather than this one (where `block_on` runs it): tasks it wakes,
+    // and tasks that wake it, can then run on the same thread without a cross-thread wake-up.
+    let run = tokio::spawn(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Connect(args) => connect::run(args).await,
+            Command::Send(args) => send::run(args).await,
+            Command::Request(args) => request::run(args).await,
+            Command::Cert(args) => cert::run(args),
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    let result = match run.await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,21 +9,28 @@
 //! disconnected 1 closed by peer
 //! ```
 //!
+//! With `--discard`, `--echo` or `--fanout` (targets for `sockframe bench`), messages are
+//! counted instead of printed: a rate per second on stderr, and totals when the server stops.
+//!
 //! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
 //! `help`. The text is sent as typed, byte for byte (no escapes are interpreted).
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use sockframe::FullPolicy;
 use sockframe::server::{ClientId, ClientInfo, ProtocolMode, Server, ServerConfig, ServerEvent};
 use tokio::sync::mpsc;
 
 use crate::input::{self, Line};
 use crate::output::{self, json_object, print_line};
 use crate::parse;
+
+/// Most events handled per pass through the main loop.
+const EVENT_BATCH: usize = 256;
 
 /// The commands `serve` reads on stdin, for `help` and error messages.
 const USAGE: &str = "commands: send <id> <text> | broadcast <text> | list | kick <id> | help";
@@ -47,6 +54,14 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(1..),
     )]
     max_conns: u64,
+    /// Most clients connected at once from one IP address
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = ServerConfig::default().max_connections_per_ip as u64,
+        value_parser = clap::value_parser!(u64).range(1..),
+    )]
+    max_conns_per_ip: u64,
     /// Print events and `list` replies as JSON objects, one per line
     #[arg(long)]
     json: bool,
@@ -59,10 +74,6 @@ pub struct Args {
     /// the command line, where other users could read them
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
-    /// A ready test peer: echo every message to its sender and answer every request with its
-    /// own payload (events are still printed)
-    #[arg(long)]
-    echo: bool,
     /// Ping sockframe clients this often; a client silent for 3 intervals is disconnected
     /// ("0s" turns pings off)
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse::duration)]
@@ -81,6 +92,18 @@ pub struct Args {
     /// `list` then comes from its certificate
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     client_ca: Option<std::path::PathBuf>,
+    /// Benchmark target: count each message and drop it
+    #[arg(long, group = "load")]
+    discard: bool,
+    /// A ready test peer: send each message back to its sender, unprinted (a client whose
+    /// queue fills up because it does not read is disconnected as a slow consumer), and
+    /// answer each request with its own payload
+    #[arg(long, group = "load")]
+    echo: bool,
+    /// Benchmark target: send each message to every other client (a client whose queue fills
+    /// up is disconnected as a slow consumer)
+    #[arg(long, group = "load")]
+    fanout: bool,
 }
 
 /// `--protocol` of `serve`.
@@ -140,6 +163,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.max_frame = max;
     }
     config.max_connections = usize::try_from(args.max_conns).unwrap_or(usize::MAX);
+    config.max_connections_per_ip = usize::try_from(args.max_conns_per_ip).unwrap_or(usize::MAX);
     config.protocol = match args.protocol {
         ServeProtocol::Auto => ProtocolMode::Auto,
         ServeProtocol::Tutorial => ProtocolMode::Tutorial,
@@ -158,7 +182,12 @@ pub async fn run(args: Args) -> Result<()> {
         let tls = sockframe::tls::ServerTls::from_files(cert, key, args.client_ca.clone())?;
         config.tls = Some(std::sync::Arc::new(tls));
     }
-    let echo = args.echo;
+    let mut load = Load::new(&args);
+    if args.echo {
+        // Never wait on one client's queue here: while this loop waits, no event is taken,
+        // and a client that left meanwhile cannot report it and release its queue.
+        config.send_policy = FullPolicy::Disconnect;
+    }
     let print = Printer { json: args.json };
 
     // Before the `listening on` line: whoever reads it may signal us right away.
@@ -176,18 +205,31 @@ pub async fn run(args: Args) -> Result<()> {
     let mut commands = tokio::spawn(run_commands(server.clone(), lines, print));
     let mut commands_done = false;
     let mut shutdown = None;
+    let mut rate = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => {
-                    print_line(&print.event(&event)).context("failed to write to stdout")?;
-                    if echo {
-                        echo_back(&server, event).await;
+                    // Also take what else is ready, up to a bound: one pass through this
+                    // `select!` per batch of events instead of per event.
+                    let mut next = Some(event);
+                    let mut taken = 0;
+                    while let Some(event) = next {
+                        if let Some(event) = load.take(&server, event).await {
+                            print_line(&print.event(&event)).context("failed to write to stdout")?;
+                            load.answer(event).await;
+                        }
+                        taken += 1;
+                        next = if taken < EVENT_BATCH { events.try_recv() } else { None };
                     }
                 }
                 None if shutdown.is_some() => break,
                 None => bail!("the server stopped unexpectedly"),
             },
+            _ = rate.tick(), if load.mode.is_some() => load.print_rate(),
             signal = signals.recv() => {
                 if signal == Signal::Reload {
                     // Reload the TLS files; a bad new pair leaves the old one in force.
@@ -223,22 +265,99 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(shutdown) = shutdown {
         shutdown.await.context("failed to shut down")?;
     }
+    load.print_totals();
     Ok(())
 }
 
-/// `--echo`: sends a message back to its sender, answers a request with its own payload.
-async fn echo_back(server: &Server, event: ServerEvent) {
-    match event {
-        ServerEvent::Message { client, message } => {
-            if let Err(e) = server.send(client, message).await {
-                tracing::debug!(%client, error = %e, "echo not sent");
-            }
+/// What `--discard`, `--echo` and `--fanout` do with messages instead of printing them.
+#[derive(Debug, Clone, Copy)]
+enum LoadMode {
+    Discard,
+    Echo,
+    Fanout,
+}
+
+/// Message counts of a benchmark target. Counted here, on the events the application
+/// receives, so they include the library's whole receive path.
+#[derive(Debug)]
+struct Load {
+    /// `None` when serving normally.
+    mode: Option<LoadMode>,
+    messages: u64,
+    bytes: u64,
+    /// The counts at the last rate line.
+    reported: (u64, u64),
+    /// When the last rate line was printed.
+    since: tokio::time::Instant,
+}
+
+impl Load {
+    fn new(args: &Args) -> Self {
+        let mode = match (args.discard, args.echo, args.fanout) {
+            (true, _, _) => Some(LoadMode::Discard),
+            (_, true, _) => Some(LoadMode::Echo),
+            (_, _, true) => Some(LoadMode::Fanout),
+            _ => None,
+        };
+        Self {
+            mode,
+            messages: 0,
+            bytes: 0,
+            reported: (0, 0),
+            since: tokio::time::Instant::now(),
         }
-        ServerEvent::Request { request, .. } => {
+    }
+
+    /// Handles a message in a benchmark mode; gives back every other event (and every event
+    /// when serving normally) to be printed.
+    async fn take(&mut self, server: &Server, event: ServerEvent) -> Option<ServerEvent> {
+        let (Some(mode), ServerEvent::Message { client, message }) = (self.mode, &event) else {
+            return Some(event);
+        };
+        self.messages += 1;
+        self.bytes += message.len() as u64;
+        match mode {
+            LoadMode::Discard => {}
+            // A client that left meanwhile is no error for a benchmark target.
+            LoadMode::Echo => drop(server.send(*client, message.clone()).await),
+            LoadMode::Fanout => drop(server.broadcast_except(*client, message.clone()).await),
+        }
+        None
+    }
+
+    /// After an event is printed: `--echo` answers a request with its own payload. (Without
+    /// `--echo`, dropping the request answers it with the error `unhandled`.)
+    async fn answer(&self, event: ServerEvent) {
+        if let (Some(LoadMode::Echo), ServerEvent::Request { request, .. }) = (self.mode, event) {
             let answer = request.message().clone();
             let _ = request.respond(answer).await;
         }
-        _ => {}
+    }
+
+    /// One line on stderr with the rate since the last one, unless nothing arrived.
+    fn print_rate(&mut self) {
+        let now = tokio::time::Instant::now();
+        let secs = (now - self.since).as_secs_f64().max(1e-9);
+        let (messages, bytes) = (
+            self.messages - self.reported.0,
+            self.bytes - self.reported.1,
+        );
+        if messages > 0 {
+            eprintln!(
+                "{:.0} messages/s, {:.1} MB/s",
+                messages as f64 / secs,
+                bytes as f64 / secs / 1e6
+            );
+        }
+        self.reported = (self.messages, self.bytes);
+        self.since = now;
+    }
+
+    /// The totals, on stderr, when the server stops.
+    fn print_totals(&self) {
+        if self.mode.is_some() {
+            eprintln!("total: {} messages, {} bytes", self.messages, self.bytes);
+        }
     }
 }
 
