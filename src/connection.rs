@@ -107,8 +107,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 ///
 /// [`push`](Self::push) only buffers; [`flush`](Self::flush) writes everything pushed so far
 /// with as few system calls as it can. Writing one frame per system call is 25–60× slower
-/// for small messages (see `docs/benchmarks.md`), so callers push all they have and flush
-/// when there is nothing more to write right now.
+/// for small messages (one `write(2)` per 64-byte frame against 64 KiB batches, measured on
+/// our 2-core machines), so callers push all they have and flush when there is nothing more
+/// to write right now.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     io: W,
