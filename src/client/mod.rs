@@ -178,7 +178,10 @@ struct Shared {
 #[derive(Debug)]
 pub struct Client {
     sender: ClientSender,
-    events: mpsc::Receiver<ClientEvent>,
+    /// Events arrive in batches (all that one read produced, up to 256).
+    events: mpsc::Receiver<Vec<ClientEvent>>,
+    /// The rest of the batch received last.
+    ready: std::collections::VecDeque<ClientEvent>,
     driver: Option<JoinHandle<Result<()>>>,
 }
 
@@ -228,6 +231,7 @@ impl Client {
                 shared,
             },
             events,
+            ready: Default::default(),
             driver: Some(driver),
         })
     }
@@ -267,7 +271,12 @@ impl Client {
     /// The next event; `None` once the client has closed for good (closed by the
     /// application, or disconnected without reconnect, or reconnecting gave up).
     pub async fn recv(&mut self) -> Option<ClientEvent> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            self.ready.extend(self.events.recv().await?);
+        }
     }
 
     /// Whether a connection is up right now.
@@ -382,7 +391,7 @@ async fn run(
     mut link: Link,
     mut outbox: OutboxReceiver,
     reply: OutboxSender,
-    events: mpsc::Sender<ClientEvent>,
+    events: mpsc::Sender<Vec<ClientEvent>>,
 ) -> Result<()> {
     let config = &shared.config;
     let traffic = Traffic::default();
@@ -400,7 +409,7 @@ async fn run(
             Ordering::Acquire,
         );
         if let Some(addr) = link.addr {
-            let _ = events.send(ClientEvent::Connected { addr }).await;
+            let _ = events.send(vec![ClientEvent::Connected { addr }]).await;
         }
         let outcome = drive(
             link.reader,
@@ -444,9 +453,9 @@ async fn run(
         );
         tracing::debug!(reason = %outcome.reason, "disconnected");
         let _ = events
-            .send(ClientEvent::Disconnected {
+            .send(vec![ClientEvent::Disconnected {
                 reason: outcome.reason.clone(),
-            })
+            }])
             .await;
         if closed_by_us {
             let left = outbox.len();
@@ -493,7 +502,7 @@ fn undelivered(outbox: &OutboxReceiver) -> Result<()> {
 async fn connect_with_backoff(
     config: &ClientConfig,
     backoff: &Backoff,
-    events: Option<&mpsc::Sender<ClientEvent>>,
+    events: Option<&mpsc::Sender<Vec<ClientEvent>>>,
     close: &CancellationToken,
 ) -> Result<Link> {
     let start = Instant::now();
@@ -509,7 +518,7 @@ async fn connect_with_backoff(
             tracing::debug!(attempt, ?delay, "reconnecting");
             tokio::select! {
                 _ = close.cancelled() => return Err(Error::Closed),
-                _ = events.send(ClientEvent::Reconnecting { attempt, delay }) => {}
+                _ = events.send(vec![ClientEvent::Reconnecting { attempt, delay }]) => {}
             }
             tokio::select! {
                 _ = close.cancelled() => return Err(Error::Closed),

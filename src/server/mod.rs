@@ -87,20 +87,35 @@ pub enum ServerEvent {
 ///
 /// Keep receiving: when the stream is full, connections stop reading from their sockets.
 /// Dropping it is allowed; messages are then discarded.
+///
+/// Events travel from the connections in batches (all that one read produced, up to 256);
+/// [`ServerConfig::event_capacity`] counts batches. The order per client is kept.
 #[derive(Debug)]
 pub struct ServerEvents {
-    rx: mpsc::Receiver<ServerEvent>,
+    rx: mpsc::Receiver<Vec<ServerEvent>>,
+    /// The rest of the batch received last.
+    ready: std::collections::VecDeque<ServerEvent>,
 }
 
 impl ServerEvents {
     /// The next event; `None` once the server has shut down and every connection has ended.
     pub async fn recv(&mut self) -> Option<ServerEvent> {
-        self.rx.recv().await
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            self.ready.extend(self.rx.recv().await?);
+        }
     }
 
     /// The next event if one is ready now.
     pub fn try_recv(&mut self) -> Option<ServerEvent> {
-        self.rx.try_recv().ok()
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            self.ready.extend(self.rx.try_recv().ok()?);
+        }
     }
 }
 
@@ -150,7 +165,13 @@ impl Server {
             .tasks
             .spawn(accept_loop(inner.clone(), listener, events_tx));
         tracing::info!(addr = %local_addr, "listening");
-        Ok((Server { inner }, ServerEvents { rx }))
+        Ok((
+            Server { inner },
+            ServerEvents {
+                rx,
+                ready: Default::default(),
+            },
+        ))
     }
 
     /// The address the server listens on (useful after binding port 0).
@@ -337,7 +358,11 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, events: mpsc::Sender<ServerEvent>) {
+async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    events: mpsc::Sender<Vec<ServerEvent>>,
+) {
     let limit = Arc::new(Semaphore::new(inner.config.max_connections));
     let per_ip = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
@@ -435,7 +460,7 @@ async fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
-    events: mpsc::Sender<ServerEvent>,
+    events: mpsc::Sender<Vec<ServerEvent>>,
     permit: Slot,
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
@@ -472,7 +497,7 @@ async fn serve_stream<S>(
     inner: Arc<Inner>,
     stream: S,
     addr: SocketAddr,
-    events: mpsc::Sender<ServerEvent>,
+    events: mpsc::Sender<Vec<ServerEvent>>,
     permit: Slot,
     cert_name: Option<String>,
 ) where
@@ -720,13 +745,13 @@ async fn reject<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, code: Reject
 /// Sends a connection event, waiting while the application catches up, but once a shutdown
 /// has begun for at most the drain deadline: an application that stopped reading events must
 /// not hold up shutdown forever.
-async fn emit(inner: &Inner, events: &mpsc::Sender<ServerEvent>, event: ServerEvent) {
+async fn emit(inner: &Inner, events: &mpsc::Sender<Vec<ServerEvent>>, event: ServerEvent) {
     let give_up = async {
         inner.shutdown.cancelled().await;
         tokio::time::sleep(inner.config.drain_deadline).await;
     };
     tokio::select! {
-        _ = events.send(event) => {}
+        _ = events.send(vec![event]) => {}
         _ = give_up => tracing::debug!("event stream full during shutdown; event dropped"),
     }
 }

@@ -472,11 +472,27 @@ async fn send_paced(
     let batch = one.repeat(per_batch as usize);
     let mut sent = 0u64;
     let send = async {
+        // The server registers a connection a little after its TCP handshake, and a reader
+        // not yet registered misses what is sent meanwhile, which pacing against it would
+        // wait for forever. So probe, one frame at a time, until every reader gets them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !received.iter().all(|r| r.load(Ordering::Relaxed) > 0) {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(
+                    "not every reader receives the broadcasts (is the server fanning out?)",
+                ));
+            }
+            stream.write_all(&one).await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Pace from here on, against what each reader has received since.
+        let base: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
         loop {
             loop {
                 let slowest = received
                     .iter()
-                    .map(|r| r.load(Ordering::Relaxed))
+                    .zip(&base)
+                    .map(|(r, b)| r.load(Ordering::Relaxed) - b)
                     .min()
                     .unwrap_or(sent);
                 if sent + per_batch <= slowest + BROADCAST_AHEAD {
