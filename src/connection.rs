@@ -733,12 +733,13 @@ where
                 );
             }
             if self.mode == Mode::Tutorial {
-                let message = Message::untyped(raw.clone());
-                if let Err(reason) = self
-                    .deliver(held, (self.on_message)(message), raw.len(), batch)
-                    .await
-                {
-                    return reason;
+                let (event, len) = ((self.on_message)(Message::untyped(raw.clone())), raw.len());
+                if self.waits(batch) {
+                    if let Err(reason) = self.deliver(held, event, len, batch).await {
+                        return reason;
+                    }
+                } else {
+                    self.accept(held, event, len, batch);
                 }
                 continue;
             }
@@ -764,8 +765,12 @@ where
                 Ok(Frame::Message { kind, body }) => {
                     let len = body.len();
                     let event = (self.on_message)(Message::from_wire(kind, body));
-                    if let Err(reason) = self.deliver(held, event, len, batch).await {
-                        return reason;
+                    if self.waits(batch) {
+                        if let Err(reason) = self.deliver(held, event, len, batch).await {
+                            return reason;
+                        }
+                    } else {
+                        self.accept(held, event, len, batch);
                     }
                 }
                 Ok(Frame::Request { id, kind, body }) => {
@@ -867,14 +872,25 @@ where
                 self.liveness.frame();
             }
         }
-        held.take();
-        self.traffic.add_in(len);
-        self.liveness.message();
-        batch.push(event);
+        self.accept(held, event, len, batch);
         if batch.len() >= MAX_BATCH {
             self.flush(batch).await;
         }
         Ok(())
+    }
+
+    /// Whether delivering the next event may wait (a rate limit, or a full batch); when it
+    /// cannot, [`accept`](Self::accept) is used directly, without an `.await`.
+    fn waits(&self, batch: &[E]) -> bool {
+        self.bucket.is_some() || batch.len() + 1 >= MAX_BATCH
+    }
+
+    /// The held frame becomes an event in the batch.
+    fn accept(&self, held: &mut Option<Bytes>, event: E, len: usize, batch: &mut Vec<E>) {
+        held.take();
+        self.traffic.add_in(len);
+        self.liveness.message();
+        batch.push(event);
     }
 
     /// Hands the batch to the application, waiting for room in the event stream.
