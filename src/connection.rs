@@ -733,13 +733,18 @@ where
                 );
             }
             if self.mode == Mode::Tutorial {
-                let (event, len) = ((self.on_message)(Message::untyped(raw.clone())), raw.len());
                 if self.waits(batch) {
+                    let (event, len) =
+                        ((self.on_message)(Message::untyped(raw.clone())), raw.len());
                     if let Err(reason) = self.deliver(held, event, len, batch).await {
                         return reason;
                     }
                 } else {
-                    self.accept(held, event, len, batch);
+                    // Moved, not cloned: a clone and a drop are two atomic operations on the
+                    // read buffer's reference count per message.
+                    let frame = held.take().expect("held frame");
+                    let len = frame.len();
+                    self.accept(held, (self.on_message)(Message::untyped(frame)), len, batch);
                 }
                 continue;
             }
