@@ -67,7 +67,8 @@ pub struct ClientConfig {
     pub outbox: OutboxLimits,
     /// What sends do while disconnected. Default [`OfflinePolicy::Queue`].
     pub offline: OfflinePolicy,
-    /// Capacity of the event stream. Default 1,024; when full, reading pauses.
+    /// Capacity of the event stream, in batches of at most 256 events (what one read
+    /// produced). Default 1,024; when full, reading pauses.
     pub event_capacity: usize,
     /// How long [`Client::close`] may spend delivering queued messages and waiting for the
     /// server to close its side. Default 5 s.

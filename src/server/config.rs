@@ -47,8 +47,10 @@ pub struct ServerConfig {
     /// What a broadcast does for a client whose queue is full. Default
     /// [`FullPolicy::Disconnect`]: one slow reader must not hold up everyone.
     pub broadcast_policy: FullPolicy,
-    /// Capacity of the event stream. Default 1,024. When the application falls behind,
-    /// connections stop reading (TCP pushes back on the peers) instead of buffering.
+    /// Capacity of the event stream, in batches (a batch is what one read of one connection
+    /// produced, at most 256 events and one read buffer of payload). Default 1,024. When the
+    /// application falls behind, connections stop reading (TCP pushes back on the peers)
+    /// instead of buffering.
     pub event_capacity: usize,
     /// How long a graceful close (shutdown, kick) may spend delivering queued messages and
     /// waiting for the peer to close. Default 5 s.

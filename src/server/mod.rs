@@ -188,11 +188,7 @@ impl Server {
     /// is full. Returns once queued (not once written).
     pub async fn send(&self, client: ClientId, msg: impl Into<Message>) -> Result<()> {
         let msg = self.checked(msg.into())?;
-        let handle = self
-            .inner
-            .registry
-            .get(client)
-            .ok_or(Error::UnknownClient(client))?;
+        let handle = self.handle(client)?;
         deliver(
             &handle,
             Outgoing::Message(msg),
@@ -207,11 +203,7 @@ impl Server {
     /// [`Error::Disconnected`]. Dropping the future cancels the request.
     pub async fn request(&self, client: ClientId, msg: impl Into<Message>) -> Result<Message> {
         let msg = self.checked(msg.into())?;
-        let handle = self
-            .inner
-            .registry
-            .get(client)
-            .ok_or(Error::UnknownClient(client))?;
+        let handle = self.handle(client)?;
         if handle.mode != Mode::Sockframe {
             return Err(Error::NotSupported);
         }
@@ -317,6 +309,13 @@ impl Server {
     /// Whether [`shutdown`](Self::shutdown) has been called.
     pub fn is_shut_down(&self) -> bool {
         self.inner.shutdown.is_cancelled()
+    }
+
+    fn handle(&self, client: ClientId) -> Result<Arc<ClientHandle>> {
+        self.inner
+            .registry
+            .get(client)
+            .ok_or(Error::UnknownClient(client))
     }
 
     fn checked(&self, msg: Message) -> Result<Message> {
