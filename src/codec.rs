@@ -27,6 +27,9 @@ use crate::protocol::frame::{
 /// a 1 MiB message still needs only one reservation.
 const RESERVE_STEP: usize = 1024 * 1024 + HEADER_LEN;
 
+/// Spare room below which the buffer grows again while a frame arrives.
+const LOW_WATER: usize = 64 * 1024;
+
 /// Decodes and encodes tutorial frames (`[u32 LE length][payload]`).
 ///
 /// Decoding yields each payload as a [`Bytes`] slice of the read buffer (no copy). A length
@@ -78,7 +81,11 @@ impl Decoder for TutorialCodec {
             // Reserve for the rest of the frame so it is read with few system calls, but in
             // steps: a peer that announces a large frame and then stalls gets address space
             // only as its bytes actually arrive.
-            src.reserve((total - src.len()).min(RESERVE_STEP));
+            // Only when the spare room runs low: `reserve` asks for room beyond what is
+            // held, so calling it on every read would double the buffer each time.
+            if src.capacity() - src.len() < LOW_WATER {
+                src.reserve((total - src.len()).min(RESERVE_STEP));
+            }
             return Ok(None);
         }
         src.advance(HEADER_LEN);

@@ -646,10 +646,9 @@ async fn oversized_frame_from_the_server_is_a_protocol_error() {
 
 #[tokio::test]
 async fn oversized_typed_frame_from_the_server_is_a_protocol_error() {
-    // Over the sockframe protocol the reader bounds the whole typed frame at the maximum
-    // plus the room for a frame's head (16 bytes), so a body only a few bytes over the
-    // maximum still gets through (a library bug, reported). This body is well over.
-    let oversized = "x".repeat(64);
+    // Over the sockframe protocol the maximum bounds the body; one byte over is refused
+    // (the frame itself may be longer by its typed head).
+    let oversized = "x".repeat(17);
     oversized_frame_from_the_server(Mode::Sockframe, &oversized, &["exceeds the maximum"]).await;
 }
 

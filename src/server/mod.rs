@@ -671,7 +671,7 @@ where
         Err(_) => return Err("no hello within the handshake timeout".into()),
         Ok(Ok(Some(frame))) => frame,
         Ok(Ok(None)) => return Err("closed before the handshake".into()),
-        Ok(Err(e)) if mode == ProtocolMode::Auto => {
+        Ok(Err(e @ Error::Frame(_))) if mode == ProtocolMode::Auto => {
             // No hello can be that broken: a tutorial client breaking the framing, which the
             // application hears of like any other tutorial client's protocol error.
             return Ok(Admitted {
