@@ -1,7 +1,7 @@
 //! A framed connection: buffered frames in and out over any byte stream.
 //!
 //! [`Connection`] owns the buffering and is generic over the stream, so plain TCP and
-//! (later) TLS share all of this code. It splits into a [`FrameReader`], which hands out each
+//! TLS share all of this code. It splits into a [`FrameReader`], which hands out each
 //! payload as a [`Bytes`] slice of one read buffer, and a [`FrameWriter`], which batches
 //! many small frames into one write and sends large payloads without copying them.
 //!
@@ -244,7 +244,8 @@ pub enum Mode {
 }
 
 /// Heartbeat settings: ping every `interval`; a peer from which nothing at all arrives for
-/// `misses` intervals in a row is declared dead.
+/// `misses` intervals in a row (checked once per interval, so within `misses + 1`) is
+/// declared dead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     /// Time between pings. Default 5 s.
@@ -885,13 +886,11 @@ where
     ) -> Result<(), DisconnectReason> {
         if let Some(bucket) = &self.bucket {
             loop {
-                let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (wait, action) = {
+                    let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                    (bucket.take(), bucket.limit.action)
+                };
                 let Err(wait) = wait else { break };
-                let action = bucket
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .limit
-                    .action;
                 if action == RateAction::Disconnect {
                     return Err(DisconnectReason::RateLimited);
                 }

@@ -82,7 +82,8 @@ pub struct ClientConfig {
     pub token: Option<Bytes>,
     /// Time for the server's welcome to arrive after connecting. Default 5 s.
     pub handshake_timeout: Duration,
-    /// Pings (sockframe protocol only). Default every 5 s; dead after 3 silent intervals.
+    /// Pings (sockframe protocol only). Default every 5 s; dead after 3 to 4 silent
+    /// intervals (checked once per interval).
     pub heartbeat: Option<Heartbeat>,
     /// Disconnect when the server sends no message for this long. Default off.
     pub idle_timeout: Option<Duration>,

@@ -69,7 +69,8 @@ pub struct ServerConfig {
     /// a tutorial client. Default 1 s. Until then the client is not reported connected and
     /// nothing is written to it (a sockframe client must get the welcome first).
     pub detect_timeout: Duration,
-    /// Pings for sockframe clients. Default every 5 s; dead after 3 silent intervals.
+    /// Pings for sockframe clients. Default every 5 s; dead after 3 to 4 silent
+    /// intervals (checked once per interval).
     /// (The tutorial framing has no pings: only `idle_timeout` applies there.)
     pub heartbeat: Option<Heartbeat>,
     /// Disconnect a client that sends no message for this long. Default off.
