@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: servers on `127.0.0.1:0`, bounded waits.
 #![allow(dead_code)]
 
+pub mod leak;
+pub mod proxy;
+
 use std::time::Duration;
 
 use sockframe::Message;
