@@ -64,6 +64,11 @@ async fn main() -> sockframe::Result<()> {
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
                     eprintln!("reconnecting in {delay:.1?} (attempt {attempt})");
                 }
+                Some(ClientEvent::Resumed { .. }) => eprintln!("reconnected; nothing was lost"),
+                Some(ClientEvent::SessionExpired { undelivered }) => {
+                    eprintln!("reconnected to a new session; {undelivered} line(s) may be lost");
+                }
+                Some(_) => {} // kinds of events added later
                 None => break, // reconnecting gave up: close() says why
             },
         }

@@ -51,6 +51,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             ServerEvent::Disconnected { client, reason } => println!("{client} left: {reason}"),
+            ServerEvent::Suspended { client, reason } => {
+                println!("{client} dropped ({reason}); its session waits for it")
+            }
+            ServerEvent::Resumed { client, addr } => println!("{client} is back from {addr}"),
+            _ => {} // kinds of events added later
         }
     }
     Ok(())

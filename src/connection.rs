@@ -30,6 +30,7 @@ use crate::protocol::frame::{HEADER_LEN, encode_header};
 use crate::protocol::message::{self as wire, Frame, Head, close_code};
 use crate::reason::DisconnectReason;
 use crate::request::{Pending, Request};
+use crate::session::{Acks, FlushWaiter, Retained, Session};
 
 /// Payloads up to this size are copied into the write buffer (one syscall for many frames);
 /// larger ones are written from their own buffer with vectored writes, never copied.
@@ -330,6 +331,9 @@ pub(crate) enum Outgoing {
         id: u64,
         result: crate::request::Answer,
     },
+    /// Not a frame: done once everything queued before it is confirmed (acknowledged by the
+    /// peer in a session, written without one).
+    Flush(FlushWaiter),
 }
 
 impl Weigh for Outgoing {
@@ -341,6 +345,7 @@ impl Weigh for Outgoing {
                 result: Err((_, t)),
                 ..
             } => t.len(),
+            Outgoing::Flush(_) => 0,
         }
     }
 }
@@ -470,6 +475,9 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) frame_timeout: Option<Duration>,
     /// Inbound message rate limit.
     pub(crate) rate_limit: Option<RateLimit>,
+    /// The lossless session this connection carries, if any (sockframe mode only). Its
+    /// retained frames are written first; its counts are updated as frames pass.
+    pub(crate) session: Option<&'a mut Session>,
 }
 
 /// How a connection run by `drive` ended.
@@ -480,6 +488,19 @@ pub(crate) struct Outcome {
     /// After a graceful close: whether everything queued was written and the write side shut
     /// down in time. `false` for every other ending.
     pub(crate) flushed: bool,
+    /// The peer said goodbye with a `CLOSE` frame: the end was on purpose, not a network
+    /// failure, so a session ends with it rather than waiting to be resumed.
+    pub(crate) farewell_received: bool,
+    /// The stream ended in the middle of a frame (reported as a protocol error, but to a
+    /// session it is a cut link like any other).
+    pub(crate) truncated: bool,
+}
+
+impl Outcome {
+    /// Whether the link failed (rather than being closed on purpose): a session survives it.
+    pub(crate) fn link_failed(&self) -> bool {
+        !self.farewell_received && (self.truncated || self.reason.is_network_failure())
+    }
 }
 
 enum Ended {
@@ -509,6 +530,16 @@ where
 {
     let (control, mut control_rx) = mpsc::channel::<Frame>(CONTROL_CAPACITY);
     let liveness = Liveness::default();
+    let (retained, received_slot) = match d.session {
+        Some(session) if d.mode == Mode::Sockframe => {
+            (Some(&mut session.retained), Some(&mut session.received))
+        }
+        _ => (None, None),
+    };
+    let acks = match (&retained, &received_slot) {
+        (Some(r), Some(received)) => Some(Acks::new(r, **received)),
+        _ => None,
+    };
     let heartbeat = d.heartbeat.filter(|_| d.mode == Mode::Sockframe);
     let inbound = Inbound {
         mode: d.mode,
@@ -523,6 +554,9 @@ where
         control: &control,
         traffic: d.traffic,
         liveness: &liveness,
+        acks: acks.as_ref(),
+        farewell: std::sync::atomic::AtomicBool::new(false),
+        truncated: std::sync::atomic::AtomicBool::new(false),
     };
 
     // Events read but not yet handed over; outside the read future so that dropping that
@@ -538,6 +572,7 @@ where
             d.close,
             d.traffic,
             d.mode,
+            retained.zip(acks.as_ref()),
         );
         tokio::pin!(read, write);
         let mut ping =
@@ -580,6 +615,8 @@ where
     let ended = |reason| Outcome {
         reason,
         flushed: false,
+        farewell_received: false,
+        truncated: false,
     };
     let outcome = match first {
         Ended::Read(reason) => {
@@ -596,6 +633,11 @@ where
         Ended::Write(Ok(())) => {
             let order = (d.close_order)();
             let mut flushed = false;
+            if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
+                // Even a hasty close ends a session on purpose: say so, or the peer would
+                // keep it waiting to be resumed.
+                farewell(&mut writer, d.mode, &order.reason).await;
+            }
             if order.graceful {
                 let deadline = Instant::now() + d.drain_deadline;
                 let finish = async {
@@ -626,8 +668,15 @@ where
             Outcome {
                 reason: order.reason,
                 flushed,
+                farewell_received: false,
+                truncated: false,
             }
         }
+    };
+    let outcome = Outcome {
+        farewell_received: inbound.farewell.load(Ordering::Relaxed),
+        truncated: inbound.truncated.load(Ordering::Relaxed),
+        ..outcome
     };
     // What was read is handed over before the caller reports the end; during a close, an
     // application that stopped reading events does not hold it up past the drain deadline.
@@ -636,6 +685,10 @@ where
         let _ = tokio::time::timeout(d.drain_deadline, last).await;
     } else {
         last.await;
+    }
+    // Only now: the count includes that last batch.
+    if let (Some(acks), Some(slot)) = (&acks, received_slot) {
+        *slot = acks.received.load(Ordering::Relaxed);
     }
     outcome
 }
@@ -709,6 +762,12 @@ struct Inbound<'a, E, M, R> {
     control: &'a mpsc::Sender<Frame>,
     traffic: &'a Traffic,
     liveness: &'a Liveness,
+    /// The session's counters, when the connection carries one.
+    acks: Option<&'a Acks>,
+    /// Set when the peer's `CLOSE` frame arrives.
+    farewell: std::sync::atomic::AtomicBool,
+    /// Set when the stream ends in the middle of a frame.
+    truncated: std::sync::atomic::AtomicBool,
 }
 
 impl<E, M, R> Inbound<'_, E, M, R>
@@ -735,6 +794,12 @@ where
                     Ok(Some(frame)) => Ok(Some(frame)),
                     Ok(None) => {
                         self.flush(batch).await;
+                        if self.acks.is_some_and(|a| a.ack_due()) {
+                            // `Ack` on the control queue means "acknowledge now"; the writer
+                            // fills in the count. If the queue is full, an ACK goes out with
+                            // what is already waiting there.
+                            let _ = self.control.try_send(Frame::Ack(0));
+                        }
                         self.read(reader, clock).await
                     }
                     Err(e) => Err(e),
@@ -745,7 +810,15 @@ where
                         *held = Some(frame);
                     }
                     Ok(None) => return DisconnectReason::ClosedByPeer,
-                    Err(e) => return DisconnectReason::from_error(&e),
+                    Err(e) => {
+                        if let crate::Error::Frame(crate::protocol::FrameError::Truncated {
+                            ..
+                        }) = e
+                        {
+                            self.truncated.store(true, Ordering::Relaxed);
+                        }
+                        return DisconnectReason::from_error(&e);
+                    }
                 }
             }
             let raw = held.as_ref().expect("held frame");
@@ -814,6 +887,12 @@ where
                     }
                 }
                 Ok(Frame::Response { id, result }) => {
+                    if let Some(acks) = self.acks {
+                        // Counted frames are in the application's hands, in order: the
+                        // messages before this response go first.
+                        self.flush(batch).await;
+                        acks.received_one();
+                    }
                     held.take();
                     self.pending.complete(
                         id,
@@ -830,7 +909,31 @@ where
                 Ok(Frame::Pong(_) | Frame::Unknown(_)) => {
                     held.take();
                 }
+                Ok(Frame::Ack(n)) => {
+                    let Some(acks) = self.acks else {
+                        return DisconnectReason::Protocol(
+                            "acknowledgement outside a session".into(),
+                        );
+                    };
+                    if let Err(e) = acks.peer_ack(n) {
+                        return DisconnectReason::Protocol(e);
+                    }
+                    held.take();
+                }
+                Ok(Frame::AckRequest) => {
+                    if self.acks.is_none() {
+                        return DisconnectReason::Protocol(
+                            "acknowledgement request outside a session".into(),
+                        );
+                    }
+                    let Ok(slot) = self.control.reserve().await else {
+                        return DisconnectReason::Closed;
+                    };
+                    held.take();
+                    slot.send(Frame::Ack(0));
+                }
                 Ok(Frame::Close { code, text }) => {
+                    self.farewell.store(true, Ordering::Relaxed);
                     return DisconnectReason::from_close(code, &text);
                 }
                 Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
@@ -919,6 +1022,9 @@ where
     /// The held frame becomes an event in the batch.
     fn accept(&self, held: &mut Option<Bytes>, event: E, len: usize, batch: &mut Vec<E>) {
         held.take();
+        if let Some(acks) = self.acks {
+            acks.add_bytes(len);
+        }
         self.traffic.add_in(len);
         self.liveness.message();
         batch.push(event);
@@ -944,15 +1050,26 @@ where
                 slot
             }
         };
+        let count = batch.len() as u64;
         match slot {
             Ok(slot) => slot.send(std::mem::take(batch)),
             // Without a listener events are discarded, but the connection is still served.
             Err(()) => batch.clear(),
         }
+        // A session counts a frame as received once the application has it (in its event
+        // stream); acknowledgements never run ahead of that.
+        if let Some(acks) = self.acks {
+            acks.received_many(count);
+        }
     }
 }
 
 /// Writes queued frames in batches until `close` fires (returns `Ok`) or a write fails.
+///
+/// With a session, every application frame written is kept in `session`'s window until the
+/// peer acknowledges it; the frames kept from an earlier connection are written first, and
+/// a full window stops the loop from taking more from the outbox until acknowledgements
+/// arrive.
 async fn write_loop<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
@@ -960,37 +1077,139 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     close: &CancellationToken,
     traffic: &Traffic,
     mode: Mode,
+    mut session: Option<(&mut Retained, &Acks)>,
 ) -> io::Result<()> {
+    let mut lane = Lane {
+        writer,
+        traffic,
+        mode,
+        flushed: Vec::new(),
+        ack_now: false,
+    };
+    if let Some((retained, _)) = &session
+        && retained.unacked() > 0
+    {
+        for item in retained.frames() {
+            lane.push(item.clone())?;
+        }
+        // Ask for an acknowledgement of the resent frames, which may be all there is to
+        // send: the peer would otherwise acknowledge them only with its own traffic.
+        push_control(lane.writer, &Frame::AckRequest)?;
+        tokio::select! {
+            res = lane.writer.flush() => res?,
+            _ = close.cancelled() => return Ok(()),
+        }
+    }
     loop {
+        let room = match &mut session {
+            Some((retained, acks)) => {
+                retained.release(acks.peer_acked.load(Ordering::Relaxed));
+                retained.has_room()
+            }
+            None => true,
+        };
         tokio::select! {
             biased;
             _ = close.cancelled() => return Ok(()),
-            Some(frame) = control.recv() => push_control(writer, &frame)?,
-            item = outbox.recv() => match item {
-                Some(item) => push(writer, item, traffic, mode)?,
+            Some(frame) = control.recv() => lane.control(&frame)?,
+            item = outbox.recv(), if room => match item {
+                Some(item) => lane.take(item, &mut session)?,
                 None => {
                     // Every sender is gone: nothing more will be queued.
                     close.cancelled().await;
                     return Ok(());
                 }
             },
+            _ = async { session.as_ref().expect("no room implies a session").1.acked.notified().await }, if !room => continue,
         }
         // Gather what is queued right now, then write it all at once.
-        while writer.pending() < BATCH_BYTES {
+        while lane.writer.pending() < BATCH_BYTES {
             if let Ok(frame) = control.try_recv() {
-                push_control(writer, &frame)?;
-            } else if let Some(item) = outbox.try_recv() {
-                push(writer, item, traffic, mode)?;
+                lane.control(&frame)?;
+            } else if session.as_ref().is_none_or(|(r, _)| r.has_room())
+                && let Some(item) = outbox.try_recv()
+            {
+                lane.take(item, &mut session)?;
             } else {
                 break;
+            }
+        }
+        if let Some((retained, acks)) = &mut session {
+            // Acknowledge what arrived with whatever goes out anyway (piggy-backing), and
+            // ask for acknowledgements when a flush waits or the window fills.
+            let received = acks.received.load(Ordering::Relaxed);
+            if received != acks.ack_sent.load(Ordering::Relaxed) || lane.ack_now {
+                push_control(lane.writer, &Frame::Ack(received))?;
+                acks.ack_sent.store(received, Ordering::Relaxed);
+                acks.unacked_bytes.store(0, Ordering::Relaxed);
+            }
+            lane.ack_now = false;
+            if retained.wants_ack() {
+                push_control(lane.writer, &Frame::AckRequest)?;
             }
         }
         // A close interrupts a flush stuck on a peer that does not read; the frames stay
         // buffered in `writer`, and a graceful close carries on writing them.
         tokio::select! {
-            res = writer.flush() => res?,
+            res = lane.writer.flush() => res?,
             _ = close.cancelled() => return Ok(()),
         }
+        for waiter in lane.flushed.drain(..) {
+            waiter.done();
+        }
+    }
+}
+
+/// The write loop's state besides the queues.
+struct Lane<'a, W> {
+    writer: &'a mut FrameWriter<W>,
+    traffic: &'a Traffic,
+    mode: Mode,
+    /// Flushes (without a session) done once the current batch is written.
+    flushed: Vec<FlushWaiter>,
+    /// The peer asked for an acknowledgement, or enough arrived to send one.
+    ack_now: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Lane<'_, W> {
+    fn push(&mut self, item: Outgoing) -> io::Result<bool> {
+        push(self.writer, item, self.traffic, self.mode)
+    }
+
+    /// A control frame; `Ack` stands for "acknowledge now", with the count filled in when
+    /// the batch is complete.
+    fn control(&mut self, frame: &Frame) -> io::Result<()> {
+        match frame {
+            Frame::Ack(_) => {
+                self.ack_now = true;
+                Ok(())
+            }
+            frame => push_control(self.writer, frame),
+        }
+    }
+
+    /// An item from the outbox: written, and kept until acknowledged in a session.
+    fn take(
+        &mut self,
+        item: Outgoing,
+        session: &mut Option<(&mut Retained, &Acks)>,
+    ) -> io::Result<()> {
+        match (item, session) {
+            (Outgoing::Flush(waiter), Some((retained, _))) => retained.add_waiter(waiter),
+            (Outgoing::Flush(waiter), None) => self.flushed.push(waiter),
+            (item, Some((retained, acks))) => {
+                // Only frames that went out count: one refused as too large for this peer
+                // was never numbered.
+                if self.push(item.clone())? {
+                    retained.record(item);
+                    acks.sent.store(retained.sent, Ordering::Relaxed);
+                }
+            }
+            (item, None) => {
+                self.push(item)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1002,6 +1221,7 @@ async fn drain<W: AsyncWrite + Unpin>(
     mode: Mode,
 ) -> io::Result<()> {
     while let Some(item) = outbox.try_recv() {
+        // Flushes waiting here are dropped unanswered: a closing connection confirms nothing.
         push(writer, item, traffic, mode)?;
         if writer.pending() >= BATCH_BYTES {
             writer.flush().await?;
@@ -1010,20 +1230,21 @@ async fn drain<W: AsyncWrite + Unpin>(
     writer.flush().await
 }
 
-/// Encodes one queued item for the connection's mode.
+/// Encodes one queued item for the connection's mode; `false` if it was not written.
 fn push<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     item: Outgoing,
     traffic: &Traffic,
     mode: Mode,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let len = item.weight();
     let res = match (mode, item) {
+        (_, Outgoing::Flush(_)) => return Ok(false),
         (Mode::Tutorial, Outgoing::Message(m)) => writer.push(m.into_payload()),
         (Mode::Tutorial, _) => {
             // Senders refuse requests to tutorial peers; a response cannot arise either.
             tracing::debug!("request or response for a tutorial peer dropped");
-            return Ok(());
+            return Ok(false);
         }
         (Mode::Sockframe, Outgoing::Message(m)) => {
             writer.push_parts(Head::message(m.wire_kind()).as_slice(), m.into_payload())
@@ -1041,13 +1262,18 @@ fn push<W: AsyncWrite + Unpin>(
         }
     };
     match res {
-        Ok(()) => traffic.add_out(len),
+        Ok(()) => {
+            traffic.add_out(len);
+            Ok(true)
+        }
         // Senders check the size against the peer's limit when queuing; this is a message
         // queued before a reconnect to a peer with a smaller limit. Dropping it (loudly)
         // keeps the connection and everything queued behind it.
-        Err(e) => tracing::warn!(error = %e, "message dropped: too large for this peer"),
+        Err(e) => {
+            tracing::warn!(error = %e, "message dropped: too large for this peer");
+            Ok(false)
+        }
     }
-    Ok(())
 }
 
 fn push_control<W: AsyncWrite + Unpin>(

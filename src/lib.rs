@@ -70,6 +70,7 @@ pub mod protocol;
 mod reason;
 mod request;
 pub mod server;
+mod session;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -79,6 +80,7 @@ pub use message::{Message, MessageKind};
 pub use outbox::{FullPolicy, OutboxLimits};
 pub use reason::DisconnectReason;
 pub use request::Request;
+pub use session::SessionLimits;
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -34,9 +34,33 @@ pub enum DisconnectReason {
     RateLimited,
     /// Another I/O error; the text says which.
     Io(String),
+    /// The session's client connected again on a new connection, which took the session
+    /// over from this one (the old one had not yet been noticed dead).
+    Replaced,
+    /// The lossless session ended because its client did not come back within the grace
+    /// period (server), or because the server no longer had it (client). `undelivered`
+    /// messages and other frames may not have reached the peer.
+    SessionExpired {
+        /// Frames sent or queued that the peer never acknowledged.
+        undelivered: u64,
+    },
 }
 
 impl DisconnectReason {
+    /// Whether a session survives a connection that ended this way: the network failed
+    /// (reset, end of stream without a `CLOSE`, silence), as opposed to an end on purpose
+    /// (a close, a kick, a shutdown, a broken rule).
+    pub(crate) fn is_network_failure(&self) -> bool {
+        matches!(
+            self,
+            DisconnectReason::ClosedByPeer
+                | DisconnectReason::Reset
+                | DisconnectReason::Io(_)
+                | DisconnectReason::HeartbeatTimeout
+                | DisconnectReason::Replaced
+        )
+    }
+
     /// Classifies an I/O error from a socket.
     pub fn from_io(e: &io::Error) -> Self {
         use io::ErrorKind::*;
@@ -86,6 +110,8 @@ impl DisconnectReason {
             DisconnectReason::IdleTimeout => "idle_timeout",
             DisconnectReason::RateLimited => "rate_limited",
             DisconnectReason::Io(_) => "io_error",
+            DisconnectReason::Replaced => "replaced",
+            DisconnectReason::SessionExpired { .. } => "session_expired",
         }
     }
 }
@@ -104,6 +130,11 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
             DisconnectReason::RateLimited => f.write_str("rate limited"),
             DisconnectReason::Io(detail) => write!(f, "i/o error: {detail}"),
+            DisconnectReason::Replaced => f.write_str("replaced by a newer connection"),
+            DisconnectReason::SessionExpired { undelivered } => write!(
+                f,
+                "session expired; {undelivered} frame(s) may not have been delivered"
+            ),
         }
     }
 }

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use sockframe::connection::Connection;
 use sockframe::protocol::message::{
-    self as wire, Frame, Hello, Kind, MAGIC, MAX_HELLO, MAX_TOKEN, ParseError, RejectCode, Welcome,
-    frame_type,
+    self as wire, Frame, Hello, Kind, MAGIC, MAX_HELLO, MAX_TOKEN, ParseError, RejectCode,
+    SessionGrant, SessionRequest, Welcome, frame_type,
 };
 
 // Strategies -------------------------------------------------------------------------------------
@@ -34,6 +34,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
                 client_id,
                 max_frame,
                 heartbeat_ms,
+                session: SessionGrant::None,
             })
         ),
         // Codes come from the wire, so each has exactly one representation.
@@ -118,7 +119,7 @@ proptest! {
         name in ".{0,300}",
         token in proptest::collection::vec(any::<u8>(), 0..=MAX_TOKEN),
     ) {
-        let hello = Hello { min_version: min, max_version: max, name, token: Bytes::from(token) };
+        let hello = Hello { min_version: min, max_version: max, name, token: Bytes::from(token), session: SessionRequest::None };
         prop_assert!(hello.check().is_ok());
         let wire = wire::encode_hello(&hello);
         prop_assert!(wire.len() <= MAX_HELLO, "a legal hello fits the hello limit");
@@ -141,8 +142,8 @@ proptest! {
         name in ".{0,20}",
         extra in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
-        // Later versions may append fields; version 1 ignores them.
-        let hello = Hello::new(name, Bytes::from_static(b"t"));
+        // Later versions may append fields after the session request; this one ignores them.
+        let hello = Hello { session: SessionRequest::New, ..Hello::new(name, Bytes::from_static(b"t")) };
         let mut wire = wire::encode_hello(&hello).to_vec();
         wire.extend_from_slice(&extra);
         prop_assert_eq!(wire::parse_hello(&wire), Ok(hello));
@@ -160,7 +161,7 @@ proptest! {
             let again = wire::encode(&frame);
             // Fixed-size frames ignore trailing bytes; the others use every byte.
             prop_assert!(bytes.starts_with(&again), "{frame:?}: {again:02x?} vs {bytes:02x?}");
-            if !matches!(frame, Frame::Welcome(_) | Frame::Ping(_) | Frame::Pong(_) | Frame::Unknown(_)) {
+            if !matches!(frame, Frame::Welcome(_) | Frame::Ping(_) | Frame::Pong(_) | Frame::Ack(_) | Frame::AckRequest | Frame::Unknown(_)) {
                 prop_assert_eq!(&again[..], &bytes[..]);
             }
             prop_assert_eq!(wire::parse(&again), Ok(frame));

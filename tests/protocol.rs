@@ -678,6 +678,7 @@ async fn client_declares_a_silent_server_dead() {
             client_id: 42,
             max_frame: 1 << 20,
             heartbeat_ms: 0,
+            session: wire::SessionGrant::None,
         });
         stream.write_all(&typed(&welcome)).await.unwrap();
         read_typed_until_closed(&mut stream).await
@@ -951,7 +952,7 @@ async fn unknown_frame_types_follow_the_extension_rule() {
     );
 
     // An undefined type below 0x80 is a protocol error.
-    peer.write_all(&frame(&[0x21])).await.unwrap();
+    peer.write_all(&frame(&[0x22])).await.unwrap();
     match next_event(&mut events).await {
         ServerEvent::Disconnected {
             client,

@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use sockframe::protocol::message::{
-    Frame, Hello, Kind, RejectCode, Welcome, close_code, encode, encode_hello, error_code, parse,
+    Frame, Hello, Kind, RejectCode, SessionGrant, SessionRequest, SessionToken, Welcome,
+    close_code, encode, encode_hello, error_code, parse,
 };
 
 /// The hex bytes on the doc line that starts with `label`.
@@ -30,6 +31,7 @@ fn documented_vectors_match_the_encoder() {
                 client_id: 7,
                 max_frame: 16 << 20,
                 heartbeat_ms: 5000,
+                session: SessionGrant::None,
             }),
         ),
         (
@@ -77,6 +79,8 @@ fn documented_vectors_match_the_encoder() {
         ),
         ("ping 2:", Frame::Ping(2)),
         ("pong 2:", Frame::Pong(2)),
+        ("ack 258:", Frame::Ack(258)),
+        ("ack request:", Frame::AckRequest),
         (
             "close shutdown \"bye\":",
             Frame::Close {
@@ -102,5 +106,59 @@ fn documented_hello_matches_the_encoder() {
         doc.lines().any(|l| l.trim() == hex.join(" ")),
         "the hello vector {} is not in docs/protocol.md",
         hex.join(" ")
+    );
+}
+
+#[test]
+fn documented_session_vectors_match_the_encoder() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
+    // The line after the label holds the vector.
+    let after = |label: &str| -> Vec<u8> {
+        let mut lines = doc.lines().skip_while(|l| l.trim() != label);
+        lines
+            .next()
+            .unwrap_or_else(|| panic!("no {label:?} in docs/protocol.md"));
+        lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect()
+    };
+    let token = SessionToken::new(7, [0xab; 16]);
+    let hello = |session| Hello {
+        session,
+        ..Hello::new("", Bytes::new())
+    };
+    assert_eq!(
+        &encode_hello(&hello(SessionRequest::New))[..],
+        &after("hello, new session:")[..]
+    );
+    assert_eq!(
+        &encode_hello(&hello(SessionRequest::Resume { token, received: 2 }))[..],
+        &after("hello, resume, 2 received:")[..]
+    );
+    let welcome = |session| {
+        Frame::Welcome(Welcome {
+            version: 1,
+            client_id: 7,
+            max_frame: 16 << 20,
+            heartbeat_ms: 5000,
+            session,
+        })
+    };
+    assert_eq!(
+        &encode(&welcome(SessionGrant::New(token)))[..],
+        &after("welcome, new session:")[..]
+    );
+    let resumed = welcome(SessionGrant::Resumed { token, received: 3 });
+    assert_eq!(
+        &encode(&resumed)[..],
+        &after("welcome, resumed, 3 received:")[..]
+    );
+    assert_eq!(
+        parse(&Bytes::from(after("welcome, resumed, 3 received:"))).unwrap(),
+        resumed
     );
 }

@@ -29,9 +29,12 @@ use crate::connection::{
 use crate::message::Message;
 use crate::outbox::{OutboxLimits, OutboxReceiver, OutboxSender, outbox};
 use crate::protocol::DEFAULT_MAX_FRAME;
-use crate::protocol::message::{self as wire, Frame, Hello};
+use crate::protocol::message::{
+    self as wire, Frame, Hello, RejectCode, SessionGrant, SessionRequest, SessionToken,
+};
 use crate::reason::DisconnectReason;
 use crate::request::{Pending, Request};
+use crate::session::{FlushWaiter, Session};
 use crate::{Error, Result};
 
 /// What a send does while the client is disconnected (between a drop and the reconnect).
@@ -63,6 +66,14 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Reconnect automatically after the connection drops. Default off.
     pub reconnect: bool,
+    /// Ask for a lossless session (sockframe protocol, with [`reconnect`](Self::reconnect)
+    /// on): after a drop, the reconnect resumes the session under the same client id and
+    /// nothing sent either way is lost, duplicated or reordered. Default on. (A client that
+    /// does not reconnect could never resume, so it asks for none.)
+    pub session: bool,
+    /// Bounds on the frames kept until the server acknowledges them; when full, sends wait.
+    /// Default 4,096 frames, 16 MiB.
+    pub session_window: crate::SessionLimits,
     /// Bounds of the outgoing queue. Default 1,024 messages and 8 MiB.
     pub outbox: OutboxLimits,
     /// What sends do while disconnected. Default [`OfflinePolicy::Queue`].
@@ -111,6 +122,8 @@ impl ClientConfig {
             },
             connect_timeout: Duration::from_secs(5),
             reconnect: false,
+            session: true,
+            session_window: crate::SessionLimits::default(),
             outbox: OutboxLimits::default(),
             offline: OfflinePolicy::Queue,
             event_capacity: 1024,
@@ -131,6 +144,7 @@ impl ClientConfig {
 
 /// Something that happened on a client.
 #[derive(Debug, PartialEq)]
+#[non_exhaustive]
 pub enum ClientEvent {
     /// Connected (first connection, and each reconnect).
     Connected {
@@ -145,6 +159,19 @@ pub enum ClientEvent {
     Disconnected {
         /// Why.
         reason: DisconnectReason,
+    },
+    /// Reconnected and resumed the lossless session: nothing was lost either way, and the
+    /// server knows this client under the same id.
+    Resumed {
+        /// The server's address.
+        addr: SocketAddr,
+    },
+    /// The server no longer had this client's session (it expired, or the server
+    /// restarted): up to `undelivered` frames sent before may not have reached it. The
+    /// client goes on with a new session (and id); `Connected` follows.
+    SessionExpired {
+        /// Frames sent in the old session that the server never acknowledged.
+        undelivered: u64,
     },
     /// A reconnect attempt is about to be made after `delay`.
     Reconnecting {
@@ -208,7 +235,7 @@ impl Client {
                     detail: e.to_string(),
                 })?;
         }
-        let link = connect_with_backoff(&config, &config.backoff, None, &close).await?;
+        let link = connect_with_backoff(&config, &config.backoff, None, &close, None).await?;
         let (outbox_tx, outbox_rx) = outbox(config.outbox);
         let (events_tx, events) = mpsc::channel(config.event_capacity.max(1));
         let shared = Arc::new(Shared {
@@ -246,6 +273,11 @@ impl Client {
     /// Sends a request and waits for the answer; see [`ClientSender::request`].
     pub async fn request(&self, msg: impl Into<Message>) -> Result<Message> {
         self.sender.request(msg).await
+    }
+
+    /// Waits until everything sent so far is confirmed; see [`ClientSender::flush`].
+    pub async fn flush(&self) -> Result<()> {
+        self.sender.flush().await
     }
 
     /// Like [`request`](Self::request) with its own timeout.
@@ -334,6 +366,23 @@ impl ClientSender {
             .map_err(|_| Error::Closed)
     }
 
+    /// Waits until every message sent before this call is confirmed: acknowledged by the
+    /// server when the client has a lossless session (the server's application has it in
+    /// its event stream), written to the socket otherwise. Fails with
+    /// [`Error::Disconnected`] if that can no longer happen (the session expired, or the
+    /// connection dropped without a session), and with [`Error::Closed`] after close.
+    pub async fn flush(&self) -> Result<()> {
+        if self.shared.state.load(Ordering::Acquire) == CLOSED {
+            return Err(Error::Closed);
+        }
+        let (waiter, done) = FlushWaiter::new();
+        self.outbox
+            .send(Outgoing::Flush(waiter))
+            .await
+            .map_err(|_| Error::Closed)?;
+        done.await.map_err(|_| Error::Disconnected)
+    }
+
     /// Sends a request and waits up to [`ClientConfig::request_timeout`] for the answer.
     /// Fails with [`Error::Remote`] for an error answer, [`Error::Timeout`],
     /// [`Error::Disconnected`] if the connection drops first, and [`Error::NotSupported`]
@@ -385,6 +434,8 @@ struct Link {
     server_id: Option<u64>,
     /// Largest body the server accepts (ours, unless its welcome says less).
     send_limit: usize,
+    /// The session the welcome granted.
+    grant: SessionGrant,
 }
 
 /// The background task: runs connections until closed or until reconnecting is over.
@@ -397,7 +448,48 @@ async fn run(
 ) -> Result<()> {
     let config = &shared.config;
     let traffic = Traffic::default();
-    let result = loop {
+    let mut session: Option<Session> = None;
+    let result = 'run: loop {
+        let resumed = match link.grant {
+            SessionGrant::None => {
+                session = None;
+                false
+            }
+            SessionGrant::New(token) => {
+                session = Some(Session::new(token, config.session_window));
+                false
+            }
+            SessionGrant::Resumed { received, .. } => {
+                match session.as_mut().map(|s| s.retained.resume(received)) {
+                    Some(Ok(())) => true,
+                    other => {
+                        // The server resumed a session we cannot continue: its count does
+                        // not fit ours (or we had none). Never guess: end it loudly and
+                        // start afresh.
+                        let detail = match other {
+                            Some(Err(e)) => e,
+                            _ => "a session this client does not have".into(),
+                        };
+                        tracing::error!(detail, "the server's resume does not match; new session");
+                        let undelivered = session.take().map_or(0, |s| s.retained.unacked());
+                        shared.pending.fail_all();
+                        let _ = events
+                            .send(vec![ClientEvent::SessionExpired { undelivered }])
+                            .await;
+                        drop(link);
+                        match reconnect(&shared, &events, None).await {
+                            Ok(next) => {
+                                link = next;
+                                continue 'run;
+                            }
+                            Err(end) => {
+                                break 'run end.map_or_else(|| undelivered_in(&outbox), Err);
+                            }
+                        }
+                    }
+                }
+            }
+        };
         if let Some(id) = link.server_id {
             shared.server_id.store(id, Ordering::Release);
         }
@@ -411,7 +503,12 @@ async fn run(
             Ordering::Acquire,
         );
         if let Some(addr) = link.addr {
-            let _ = events.send(vec![ClientEvent::Connected { addr }]).await;
+            let event = if resumed {
+                ClientEvent::Resumed { addr }
+            } else {
+                ClientEvent::Connected { addr }
+            };
+            let _ = events.send(vec![event]).await;
         }
         let outcome = drive(
             link.reader,
@@ -440,20 +537,28 @@ async fn run(
                 idle_timeout: config.idle_timeout,
                 frame_timeout: config.frame_timeout,
                 rate_limit: None,
+                session: session.as_mut(),
             },
         )
         .await;
         // Ours was the close only if it ended the connection; a close that comes after the
         // server ended it finds nothing to flush and must not count what was written.
         let closed_by_us = outcome.reason == DisconnectReason::Closed;
-        shared.pending.fail_all();
+        let keep_session = session.is_some()
+            && config.reconnect
+            && outcome.link_failed()
+            && !shared.close.is_cancelled();
+        if !keep_session {
+            session = None;
+            shared.pending.fail_all();
+        }
         let _ = shared.state.compare_exchange(
             CONNECTED,
             DISCONNECTED,
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        tracing::debug!(reason = %outcome.reason, "disconnected");
+        tracing::debug!(reason = %outcome.reason, keep_session, "disconnected");
         let _ = events
             .send(vec![ClientEvent::Disconnected {
                 reason: outcome.reason.clone(),
@@ -470,29 +575,71 @@ async fn run(
             };
         }
         if !config.reconnect || shared.close.is_cancelled() {
-            break undelivered(&outbox);
+            break undelivered_in(&outbox);
         }
-        match connect_with_backoff(
-            config,
-            &config.reconnect_backoff,
-            Some(&events),
-            &shared.close,
-        )
-        .await
-        {
+        let resume = session.as_ref().map(|s| (s.token, s.received));
+        match reconnect(&shared, &events, resume).await {
             Ok(next) => link = next,
-            Err(Error::Closed) => break undelivered(&outbox),
-            Err(e) => {
-                tracing::warn!(error = %e, "giving up reconnecting");
-                break Err(e);
+            Err(None) => break undelivered_in(&outbox),
+            Err(Some(Error::Rejected {
+                code: RejectCode::SessionUnknown,
+                ..
+            })) => {
+                // The server no longer has the session: say how much may be lost, then go
+                // on with a new one (the queue is kept: none of it was sent).
+                let undelivered = session.take().map_or(0, |s| s.retained.unacked());
+                shared.pending.fail_all();
+                tracing::warn!(undelivered, "session expired");
+                let _ = events
+                    .send(vec![ClientEvent::SessionExpired { undelivered }])
+                    .await;
+                match reconnect(&shared, &events, None).await {
+                    Ok(next) => link = next,
+                    Err(end) => break end.map_or_else(|| undelivered_in(&outbox), Err),
+                }
             }
+            Err(Some(e)) => break Err(e),
         }
     };
     shared.state.store(CLOSED, Ordering::Release);
     result
 }
 
-fn undelivered(outbox: &OutboxReceiver) -> Result<()> {
+/// Reconnects per the reconnect backoff, resuming `resume` if given. `Err(None)` when the
+/// client was closed meanwhile; `Err(Some(e))` when reconnecting failed for good.
+async fn reconnect(
+    shared: &Shared,
+    events: &mpsc::Sender<Vec<ClientEvent>>,
+    resume: Option<(SessionToken, u64)>,
+) -> std::result::Result<Link, Option<Error>> {
+    let config = &shared.config;
+    match connect_with_backoff(
+        config,
+        &config.reconnect_backoff,
+        Some(events),
+        &shared.close,
+        resume,
+    )
+    .await
+    {
+        Ok(link) => Ok(link),
+        Err(Error::Closed) => Err(None),
+        Err(e) => {
+            if !matches!(
+                e,
+                Error::Rejected {
+                    code: RejectCode::SessionUnknown,
+                    ..
+                }
+            ) {
+                tracing::warn!(error = %e, "giving up reconnecting");
+            }
+            Err(Some(e))
+        }
+    }
+}
+
+fn undelivered_in(outbox: &OutboxReceiver) -> Result<()> {
     match outbox.len() {
         0 => Ok(()),
         n => Err(Error::Undelivered(n)),
@@ -506,6 +653,7 @@ async fn connect_with_backoff(
     backoff: &Backoff,
     events: Option<&mpsc::Sender<Vec<ClientEvent>>>,
     close: &CancellationToken,
+    resume: Option<(SessionToken, u64)>,
 ) -> Result<Link> {
     let start = Instant::now();
     let deadline = backoff.deadline.map(|d| start + d);
@@ -534,7 +682,7 @@ async fn connect_with_backoff(
         let error = tokio::select! {
             _ = close.cancelled() => return Err(Error::Closed),
             res = tokio::time::timeout(limit, TcpStream::connect(&config.addr)) => match res {
-                Ok(Ok(stream)) => match handshake(config, stream).await {
+                Ok(Ok(stream)) => match handshake(config, stream, resume).await {
                     Ok(link) => return Ok(link),
                     // The same hello would be refused again: do not retry.
                     Err(e @ (Error::Rejected { .. } | Error::Certificate { .. })) => return Err(e),
@@ -608,7 +756,11 @@ async fn secure(config: &ClientConfig, stream: TcpStream) -> Result<(ReadStream,
 
 /// Opens the protocol on a new TCP connection: for the sockframe protocol, sends the hello
 /// and waits for the welcome.
-async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
+async fn handshake(
+    config: &ClientConfig,
+    stream: TcpStream,
+    resume: Option<(SessionToken, u64)>,
+) -> Result<Link> {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
     let addr = stream.peer_addr().ok();
@@ -622,16 +774,24 @@ async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
             addr,
             server_id: None,
             send_limit: config.max_frame,
+            grant: SessionGrant::None,
         });
     }
     let failed = |detail: String| Error::Handshake {
         addr: config.addr.clone(),
         detail,
     };
-    let hello = Hello::new(
-        config.name.clone(),
-        config.token.clone().unwrap_or_default(),
-    );
+    let hello = Hello {
+        session: match resume {
+            Some((token, received)) => SessionRequest::Resume { token, received },
+            None if config.session && config.reconnect => SessionRequest::New,
+            None => SessionRequest::None,
+        },
+        ..Hello::new(
+            config.name.clone(),
+            config.token.clone().unwrap_or_default(),
+        )
+    };
     let exchange = async {
         writer.push(wire::encode_hello(&hello))?;
         writer.flush().await?;
@@ -676,6 +836,7 @@ async fn handshake(config: &ClientConfig, stream: TcpStream) -> Result<Link> {
         addr,
         server_id: Some(welcome.client_id),
         send_limit,
+        grant: welcome.session,
     })
 }
 

@@ -51,8 +51,14 @@ pub mod frame_type {
     pub const PONG: u8 = 0x15;
     /// Orderly close with a code and a reason.
     pub const CLOSE: u8 = 0x16;
-    /// First type reserved for lossless sessions (sequence numbers, acknowledgements).
-    pub const RESERVED_SESSION: u8 = 0x20;
+    /// Session acknowledgement: how many application frames of the peer have been received
+    /// (cumulative, for the whole session).
+    pub const ACK: u8 = 0x20;
+    /// Session: "send me an `ACK` now" (a sender that waits for confirmation, or whose window
+    /// of unacknowledged frames is filling up).
+    pub const ACK_REQUEST: u8 = 0x21;
+    /// First type reserved for further session frames (up to `0x2f`).
+    pub const RESERVED_SESSION: u8 = 0x22;
     /// First type reserved for file transfer (offers, chunks, digests).
     pub const RESERVED_TRANSFER: u8 = 0x30;
     /// Types from here on may be ignored by receivers that do not know them.
@@ -97,6 +103,9 @@ pub enum RejectCode {
     ServerFull,
     /// The hello could not be parsed.
     BadHello,
+    /// The hello asked to resume a session the server does not have: it expired, it never
+    /// existed, or the token belongs to someone else. Connect again without resuming.
+    SessionUnknown,
     /// A code this version does not know.
     Other(u16),
 }
@@ -109,6 +118,7 @@ impl RejectCode {
             RejectCode::Unauthorized => 2,
             RejectCode::ServerFull => 3,
             RejectCode::BadHello => 4,
+            RejectCode::SessionUnknown => 5,
             RejectCode::Other(c) => c,
         }
     }
@@ -120,6 +130,7 @@ impl RejectCode {
             2 => RejectCode::Unauthorized,
             3 => RejectCode::ServerFull,
             4 => RejectCode::BadHello,
+            5 => RejectCode::SessionUnknown,
             c => RejectCode::Other(c),
         }
     }
@@ -132,6 +143,7 @@ impl fmt::Display for RejectCode {
             RejectCode::Unauthorized => f.write_str("unauthorized"),
             RejectCode::ServerFull => f.write_str("server full"),
             RejectCode::BadHello => f.write_str("bad hello"),
+            RejectCode::SessionUnknown => f.write_str("session expired or unknown"),
             RejectCode::Other(c) => write!(f, "rejected (code {c})"),
         }
     }
@@ -180,6 +192,92 @@ pub struct Hello {
     pub name: String,
     /// Optional credential; empty when none.
     pub token: Bytes,
+    /// Whether the client wants a lossless session, a new one or one to resume. Encoded
+    /// after the token; a hello that ends at the token asks for none.
+    pub session: SessionRequest,
+}
+
+/// A session token: the session's id (the client id it was created under) and a random
+/// 128-bit secret. Only the id is ever shown: `Debug` and `Display` leave the secret out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionToken {
+    /// The session's id; the server looks the session up by it.
+    pub id: u64,
+    secret: [u8; 16],
+}
+
+impl SessionToken {
+    /// Bytes on the wire: `id u64 LE` then the 16-byte secret.
+    pub const LEN: usize = 24;
+
+    /// A token from its parts (the server draws `secret` from the OS's random source).
+    pub fn new(id: u64, secret: [u8; 16]) -> Self {
+        SessionToken { id, secret }
+    }
+
+    /// Whether `other` is this token, comparing the secrets in constant time.
+    pub fn matches(&self, other: &SessionToken) -> bool {
+        use subtle::ConstantTimeEq;
+        self.id == other.id && bool::from(self.secret.ct_eq(&other.secret))
+    }
+
+    fn put(&self, b: &mut BytesMut) {
+        b.put_u64_le(self.id);
+        b.put_slice(&self.secret);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
+        let id = r.u64("session id")?;
+        let secret = r.take(16, "session secret")?.try_into().unwrap();
+        Ok(SessionToken { id, secret })
+    }
+}
+
+impl fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionToken({self})")
+    }
+}
+
+impl fmt::Display for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret: tokens end up in logs.
+        write!(f, "session {} (secret hidden)", self.id)
+    }
+}
+
+/// What a hello asks for about sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRequest {
+    /// No session: frames are not numbered or acknowledged (wire byte 0, or absent).
+    None,
+    /// A new session (wire byte 1).
+    New,
+    /// Resume a session (wire byte 2), after which come the token and how many application
+    /// frames of the server the client has received in the session.
+    Resume {
+        /// The token the welcome gave.
+        token: SessionToken,
+        /// Application frames received from the server, in the whole session.
+        received: u64,
+    },
+}
+
+/// What a welcome grants about sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionGrant {
+    /// No session (wire byte 0, or absent).
+    None,
+    /// A new session (wire byte 1) with this token; counting starts at 0 both ways.
+    New(SessionToken),
+    /// The session the hello named was resumed (wire byte 2); the server has received
+    /// `received` application frames of the client, and the client resends what follows.
+    Resumed {
+        /// The session's token (unchanged).
+        token: SessionToken,
+        /// Application frames received from the client, in the whole session.
+        received: u64,
+    },
 }
 
 /// The server's positive answer to a hello.
@@ -193,6 +291,9 @@ pub struct Welcome {
     pub max_frame: u32,
     /// The server's ping interval in milliseconds (0: none).
     pub heartbeat_ms: u32,
+    /// The session granted, if any. Encoded after the heartbeat interval; a welcome that
+    /// ends there grants none.
+    pub session: SessionGrant,
 }
 
 /// A parsed frame of the sockframe protocol (after the hello).
@@ -241,6 +342,10 @@ pub enum Frame {
         /// Detail.
         text: String,
     },
+    /// Session acknowledgement: application frames received so far in the session.
+    Ack(u64),
+    /// Session: asks the peer for an `ACK` now.
+    AckRequest,
     /// An ignorable frame type (`>= 0x80`) this version does not know.
     Unknown(u8),
 }
@@ -347,12 +452,27 @@ pub fn parse_hello(payload: &[u8]) -> Result<Hello, ParseError> {
         .map_err(|_| ParseError::NotUtf8("name"))?;
     let token_len = r.u16("token")? as usize;
     let token = Bytes::copy_from_slice(r.take(token_len, "token")?);
-    // Later versions may append fields; version 1 ignores what follows.
+    // Fields appended to the first version's hello are optional: older clients end here.
+    let session = if r.pos == payload.len() {
+        SessionRequest::None
+    } else {
+        match r.u8("session request")? {
+            0 => SessionRequest::None,
+            1 => SessionRequest::New,
+            2 => SessionRequest::Resume {
+                token: SessionToken::read(&mut r)?,
+                received: r.u64("frames received")?,
+            },
+            other => return Err(ParseError::BadField("session request", other as u64)),
+        }
+    };
+    // Later versions may append fields; this one ignores what follows.
     Ok(Hello {
         min_version,
         max_version,
         name,
         token,
+        session,
     })
 }
 
@@ -375,6 +495,16 @@ pub fn encode_hello(hello: &Hello) -> Bytes {
     b.put_slice(name.as_bytes());
     b.put_u16_le(hello.token.len() as u16);
     b.put_slice(&hello.token);
+    match hello.session {
+        // Omitted rather than 0: the hello stays byte-for-byte the first version's.
+        SessionRequest::None => {}
+        SessionRequest::New => b.put_u8(1),
+        SessionRequest::Resume { token, received } => {
+            b.put_u8(2);
+            token.put(&mut b);
+            b.put_u64_le(received);
+        }
+    }
     b.freeze()
 }
 
@@ -389,6 +519,7 @@ impl Hello {
             max_version: VERSION,
             name: name.into(),
             token: token.into(),
+            session: SessionRequest::None,
         }
     }
 
@@ -428,6 +559,23 @@ pub fn parse(payload: &Bytes) -> Result<Frame, ParseError> {
             client_id: r.u64("client id")?,
             max_frame: r.u32("max frame")?,
             heartbeat_ms: r.u32("heartbeat interval")?,
+            session: if r.pos == payload.len() {
+                SessionGrant::None
+            } else {
+                match r.u8("session grant")? {
+                    0 => SessionGrant::None,
+                    1 => {
+                        let token = SessionToken::read(&mut r)?;
+                        r.u64("frames received")?;
+                        SessionGrant::New(token)
+                    }
+                    2 => SessionGrant::Resumed {
+                        token: SessionToken::read(&mut r)?,
+                        received: r.u64("frames received")?,
+                    },
+                    other => return Err(ParseError::BadField("session grant", other as u64)),
+                }
+            },
         }),
         REJECT => Frame::Reject {
             code: RejectCode::from_u16(r.u16("reject code")?),
@@ -463,6 +611,8 @@ pub fn parse(payload: &Bytes) -> Result<Frame, ParseError> {
         }
         PING => Frame::Ping(r.u64("ping nonce")?),
         PONG => Frame::Pong(r.u64("pong nonce")?),
+        ACK => Frame::Ack(r.u64("acknowledged count")?),
+        ACK_REQUEST => Frame::AckRequest,
         CLOSE => Frame::Close {
             code: r.u16("close code")?,
             text: r.rest_str("close reason")?,
@@ -546,6 +696,19 @@ pub fn encode(frame: &Frame) -> Bytes {
             b.put_u64_le(w.client_id);
             b.put_u32_le(w.max_frame);
             b.put_u32_le(w.heartbeat_ms);
+            match w.session {
+                SessionGrant::None => {}
+                SessionGrant::New(token) => {
+                    b.put_u8(1);
+                    token.put(&mut b);
+                    b.put_u64_le(0);
+                }
+                SessionGrant::Resumed { token, received } => {
+                    b.put_u8(2);
+                    token.put(&mut b);
+                    b.put_u64_le(received);
+                }
+            }
         }
         Frame::Reject { code, text } => {
             b.put_u8(frame_type::REJECT);
@@ -586,6 +749,11 @@ pub fn encode(frame: &Frame) -> Bytes {
             b.put_u16_le(*code);
             b.put_slice(text.as_bytes());
         }
+        Frame::Ack(n) => {
+            b.put_u8(frame_type::ACK);
+            b.put_u64_le(*n);
+        }
+        Frame::AckRequest => b.put_u8(frame_type::ACK_REQUEST),
         Frame::Unknown(t) => b.put_u8(*t),
     }
     b.freeze()
@@ -614,6 +782,47 @@ mod tests {
     }
 
     #[test]
+    fn session_hello_vectors() {
+        let new = Hello {
+            session: SessionRequest::New,
+            ..Hello::new("", Bytes::new())
+        };
+        let wire = encode_hello(&new);
+        assert_eq!(
+            &wire[..],
+            &hex("89 53 46 52 4d 0d 0a 1a 01 00 01 00 00 00 00 01")[..]
+        );
+        assert_eq!(parse_hello(&wire).unwrap(), new);
+        let resume = Hello {
+            session: SessionRequest::Resume {
+                token: SessionToken::new(7, [0xab; 16]),
+                received: 2,
+            },
+            ..Hello::new("", Bytes::new())
+        };
+        let wire = encode_hello(&resume);
+        assert_eq!(
+            &wire[..],
+            &hex("89 53 46 52 4d 0d 0a 1a 01 00 01 00 00 00 00 02 \
+                  07 00 00 00 00 00 00 00 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab \
+                  02 00 00 00 00 00 00 00")[..]
+        );
+        assert_eq!(parse_hello(&wire).unwrap(), resume);
+        // A truncated resume is an error, not a new session.
+        assert!(parse_hello(&wire[..wire.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn session_tokens_hide_their_secret() {
+        let token = SessionToken::new(9, [0x5a; 16]);
+        let shown = format!("{token} {token:?}");
+        assert!(!shown.contains("5a") && !shown.contains("90"), "{shown}");
+        assert!(token.matches(&SessionToken::new(9, [0x5a; 16])));
+        assert!(!token.matches(&SessionToken::new(9, [0x5b; 16])));
+        assert!(!token.matches(&SessionToken::new(8, [0x5a; 16])));
+    }
+
+    #[test]
     fn vectors_round_trip() {
         let cases: Vec<(Frame, &str)> = vec![
             (
@@ -622,9 +831,39 @@ mod tests {
                     client_id: 7,
                     max_frame: 16 << 20,
                     heartbeat_ms: 5000,
+                    session: SessionGrant::None,
                 }),
                 "01 01 00 07 00 00 00 00 00 00 00 00 00 00 01 88 13 00 00",
             ),
+            (
+                Frame::Welcome(Welcome {
+                    version: 1,
+                    client_id: 7,
+                    max_frame: 16 << 20,
+                    heartbeat_ms: 5000,
+                    session: SessionGrant::New(SessionToken::new(7, [0xab; 16])),
+                }),
+                "01 01 00 07 00 00 00 00 00 00 00 00 00 00 01 88 13 00 00 \
+                 01 07 00 00 00 00 00 00 00 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab \
+                 00 00 00 00 00 00 00 00",
+            ),
+            (
+                Frame::Welcome(Welcome {
+                    version: 1,
+                    client_id: 7,
+                    max_frame: 16 << 20,
+                    heartbeat_ms: 5000,
+                    session: SessionGrant::Resumed {
+                        token: SessionToken::new(7, [0xab; 16]),
+                        received: 3,
+                    },
+                }),
+                "01 01 00 07 00 00 00 00 00 00 00 00 00 00 01 88 13 00 00 \
+                 02 07 00 00 00 00 00 00 00 ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab \
+                 03 00 00 00 00 00 00 00",
+            ),
+            (Frame::Ack(258), "20 02 01 00 00 00 00 00 00"),
+            (Frame::AckRequest, "21"),
             (
                 Frame::Reject {
                     code: RejectCode::Unauthorized,
@@ -692,8 +931,8 @@ mod tests {
             Ok(Frame::Unknown(0x90))
         );
         assert_eq!(
-            parse(&Bytes::from_static(&[0x21])),
-            Err(ParseError::UnknownType(0x21))
+            parse(&Bytes::from_static(&[0x22])),
+            Err(ParseError::UnknownType(0x22))
         );
         assert_eq!(parse(&Bytes::new()), Err(ParseError::Empty));
     }

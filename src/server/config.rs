@@ -89,6 +89,13 @@ pub struct ServerConfig {
     pub allow: Vec<ipnet::IpNet>,
     /// Clients from these networks are refused (checked after `allow`). Default empty.
     pub deny: Vec<ipnet::IpNet>,
+    /// How long a lossless session whose connection dropped is kept for its client to come
+    /// back; `None` turns sessions off (clients asking for one get none). Messages sent to
+    /// the client meanwhile queue within [`outbox`](Self::outbox). Default 60 s.
+    pub session_grace: Option<Duration>,
+    /// Bounds on the frames a session keeps until the client acknowledges them; when full,
+    /// sends to that client wait. Default 4,096 frames, 16 MiB.
+    pub session_window: crate::SessionLimits,
     /// TLS for every connection (both framings). Default none (plain TCP). The TLS handshake
     /// runs in the connection's task within `handshake_timeout`; it never stalls accepting.
     #[cfg(feature = "tls")]
@@ -119,6 +126,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 512,
             allow: Vec::new(),
             deny: Vec::new(),
+            session_grace: Some(Duration::from_secs(60)),
+            session_window: crate::SessionLimits::default(),
             #[cfg(feature = "tls")]
             tls: None,
         }

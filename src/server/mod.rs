@@ -41,15 +41,19 @@ use crate::connection::{
 };
 use crate::message::Message;
 use crate::outbox::{FullPolicy, TrySendError, outbox};
-use crate::protocol::message::{self as wire, Frame, Hello, RejectCode, Welcome};
+use crate::protocol::message::{
+    self as wire, Frame, Hello, RejectCode, SessionGrant, SessionRequest, SessionToken, Welcome,
+};
 use crate::reason::DisconnectReason;
 use crate::request::Request;
+use crate::session::Session;
 use crate::{Error, Result};
-use registry::{ClientHandle, Peer, Registry};
+use registry::{ClientHandle, Parked, Peer, Registry, SessionKey};
 
 /// Something that happened on the server, in the order it happened per client: `Connected`
 /// first, then that client's messages and requests in the order sent, then `Disconnected`.
 #[derive(Debug, PartialEq)]
+#[non_exhaustive]
 pub enum ServerEvent {
     /// A client connected.
     Connected {
@@ -73,7 +77,25 @@ pub enum ServerEvent {
         /// The request and its responder.
         request: Request,
     },
-    /// A client's connection ended.
+    /// The connection of a client with a lossless session dropped; the session is kept for
+    /// [`ServerConfig::session_grace`], and sends to the client queue meanwhile. Next comes
+    /// `Resumed` (nothing was lost) or `Disconnected` with
+    /// [`DisconnectReason::SessionExpired`].
+    Suspended {
+        /// The client whose connection dropped.
+        client: ClientId,
+        /// Why the connection ended.
+        reason: DisconnectReason,
+    },
+    /// A client came back and resumed its session: same id, and every message either way
+    /// is delivered once, in order.
+    Resumed {
+        /// The client.
+        client: ClientId,
+        /// Its new address.
+        addr: SocketAddr,
+    },
+    /// A client's connection ended (for a client with a session: the session ended).
     Disconnected {
         /// The client that left.
         client: ClientId,
@@ -195,6 +217,17 @@ impl Server {
             self.inner.config.send_policy,
         )
         .await
+    }
+
+    /// Waits until every message queued for `client` before this call is confirmed:
+    /// acknowledged by the client when it has a lossless session (even across its
+    /// reconnects), written to its socket otherwise. Fails with [`Error::Disconnected`] if
+    /// that can no longer happen (the client left or its session expired).
+    pub async fn flush(&self, client: ClientId) -> Result<()> {
+        let handle = self.handle(client)?;
+        let (waiter, done) = crate::session::FlushWaiter::new();
+        deliver(&handle, Outgoing::Flush(waiter), FullPolicy::Wait).await?;
+        done.await.map_err(|_| Error::Disconnected)
     }
 
     /// Sends a request to a sockframe client and waits for its answer, up to
@@ -489,9 +522,10 @@ async fn serve_client(
     serve_stream(inner, stream, addr, events, permit, None).await
 }
 
-/// Runs one client's connection: protocol detection and handshake, then registration, the
-/// `Connected` event, the connection itself, and the `Disconnected` event. `cert_name` is
-/// the name in the client's TLS certificate (mutual TLS), which wins over a hello's name.
+/// Runs one client's connection: protocol detection and handshake, then registration (or
+/// the resumption of a session), the `Connected` event, the connection itself, and the
+/// `Disconnected` event. `cert_name` is the name in the client's TLS certificate (mutual
+/// TLS), which wins over a hello's name.
 async fn serve_stream<S>(
     inner: Arc<Inner>,
     stream: S,
@@ -504,13 +538,7 @@ async fn serve_stream<S>(
 {
     let config = &inner.config;
     let (mut reader, mut writer) = Connection::new(stream, config.max_frame).split();
-    let Admitted {
-        mode,
-        held,
-        name,
-        broken,
-        silent,
-    } = match admit(&inner, &mut reader, &mut writer).await {
+    let admitted = match admit(&inner, &mut reader, &mut writer).await {
         Ok(admitted) => admitted,
         Err(why) => {
             // Never reported to the application: it was never connected.
@@ -518,84 +546,263 @@ async fn serve_stream<S>(
             return;
         }
     };
+    let mode = admitted.mode;
     if mode == Mode::Sockframe {
         // `max_frame` bounds bodies; typed frames carry a few bytes of head besides.
         reader.set_max_frame(config.max_frame + HEAD_ROOM);
         writer.set_max_frame(config.max_frame + HEAD_ROOM);
     }
+    // Who may resume this client's session: its certificate's name, else its token.
+    let principal = match &cert_name {
+        Some(name) => Bytes::from(name.clone()),
+        None => admitted.token.clone(),
+    };
 
-    let name = cert_name.unwrap_or(name);
-    let (outbox_tx, mut outbox_rx) = outbox(config.outbox);
+    if let SessionRequest::Resume { token, received } = admitted.session {
+        let parked = match resume(&inner, &token, received, &principal).await {
+            Ok(parked) => parked,
+            Err(why) => {
+                tracing::info!(%addr, %token, why, "session not resumed");
+                reject(&mut writer, RejectCode::SessionUnknown, why).await;
+                return;
+            }
+        };
+        let handle = parked.registration.handle.clone();
+        let welcome = welcome(
+            config,
+            handle.id,
+            SessionGrant::Resumed {
+                token,
+                received: parked.session.received,
+            },
+        );
+        if let Err(e) = send_welcome(config, &mut writer, welcome).await {
+            tracing::debug!(%addr, error = %e, "could not send the welcome");
+            handle.park(parked);
+            return;
+        }
+        tracing::debug!(client = %handle.id, %addr, "session resumed");
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Resumed {
+                client: handle.id,
+                addr,
+            },
+        )
+        .await;
+        let Parked {
+            session,
+            outbox,
+            registration,
+        } = parked;
+        let link = Link {
+            reader,
+            writer,
+            held: None,
+            silent: false,
+            addr,
+        };
+        return run_client(
+            inner,
+            link,
+            registration,
+            outbox,
+            Some(session),
+            events,
+            permit,
+        )
+        .await;
+    }
+
+    let name = cert_name.unwrap_or(admitted.name);
+    let (outbox_tx, outbox_rx) = outbox(config.outbox);
+    let wants_session = mode == Mode::Sockframe
+        && admitted.session == SessionRequest::New
+        && config.session_grace.is_some();
+    let mut token_error = None;
     let registration = inner.registry.register(
         Peer { addr, mode, name },
-        outbox_tx.clone(),
+        outbox_tx,
         inner.shutdown.child_token(),
+        |id| {
+            if !wants_session {
+                return None;
+            }
+            match crate::session::new_token(id.0) {
+                Ok(token) => Some(SessionKey { token, principal }),
+                Err(e) => {
+                    token_error = Some(e);
+                    None
+                }
+            }
+        },
     );
+    if let Some(e) = token_error {
+        // Without randomness there is no safe token; go on without a session.
+        tracing::error!(error = %e, "no random source for a session token; no session");
+    }
     let handle = registration.handle.clone();
     let client = handle.id;
+    let session = handle
+        .session
+        .as_ref()
+        .map(|key| Session::new(key.token, config.session_window));
     if mode == Mode::Sockframe {
-        let welcome = Frame::Welcome(Welcome {
-            version: wire::VERSION,
-            client_id: client.0,
-            max_frame: config.max_frame.min(u32::MAX as usize) as u32,
-            heartbeat_ms: config
-                .heartbeat
-                .map_or(0, |h| h.interval.as_millis().min(u32::MAX as u128) as u32),
-        });
-        let sent = async {
-            writer.push(wire::encode(&welcome))?;
-            writer.flush().await.map_err(Error::from)
+        let grant = match &session {
+            Some(s) => SessionGrant::New(s.token),
+            None => SessionGrant::None,
         };
-        if let Err(e) = tokio::time::timeout(config.handshake_timeout, sent)
-            .await
-            .unwrap_or(Err(Error::Timeout(config.handshake_timeout)))
-        {
+        if let Err(e) = send_welcome(config, &mut writer, welcome(config, client, grant)).await {
             tracing::debug!(%addr, error = %e, "could not send the welcome");
             return;
         }
     }
     tracing::debug!(%client, %addr, ?mode, "connected");
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
-
-    let reason = match broken {
-        Some(reason) => reason,
-        None => {
-            drive(
-                reader,
-                writer,
-                held,
-                Drive {
-                    mode,
-                    max_body: config.max_frame,
-                    refuse_late_hello: silent,
-                    outbox: &mut outbox_rx,
-                    reply: &outbox_tx,
-                    pending: &handle.pending,
-                    events: &events,
-                    on_message: |message| ServerEvent::Message { client, message },
-                    on_request: |request| ServerEvent::Request { client, request },
-                    traffic: &handle.traffic,
-                    close: &handle.close,
-                    close_order: || handle.close_order(),
-                    drain_deadline: config.drain_deadline,
-                    heartbeat: config.heartbeat,
-                    idle_timeout: config.idle_timeout,
-                    frame_timeout: config.frame_timeout,
-                    rate_limit: config.rate_limit,
-                },
-            )
-            .await
-            .reason
-        }
+    if let Some(reason) = admitted.broken {
+        drop(outbox_rx);
+        drop(registration);
+        drop(permit);
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Disconnected { client, reason },
+        )
+        .await;
+        return;
+    }
+    let link = Link {
+        reader,
+        writer,
+        held: admitted.held,
+        silent: admitted.silent,
+        addr,
     };
-    handle.pending.fail_all();
-    // Fail sends still waiting for room in this client's queue now: an application blocked
-    // in such a send may be the one that must read the event below.
-    drop(outbox_rx);
-    // Unregister and free the connection slot before reporting, so that `clients()` never
-    // lists a client already reported gone and a client may reconnect as soon as it is.
-    drop(registration);
+    run_client(
+        inner,
+        link,
+        registration,
+        outbox_rx,
+        session,
+        events,
+        permit,
+    )
+    .await;
+}
+
+/// One connection of a client, after its handshake.
+struct Link<R, W> {
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    /// A first tutorial message already read, to be delivered.
+    held: Option<Bytes>,
+    /// See [`Admitted::silent`].
+    silent: bool,
+    addr: SocketAddr,
+}
+
+/// Runs a registered client's connection; afterwards either ends the client (the
+/// `Disconnected` event) or, when a session survives a network failure, parks the session
+/// and keeps it for [`ServerConfig::session_grace`] for the client to come back.
+async fn run_client<R, W>(
+    inner: Arc<Inner>,
+    link: Link<R, W>,
+    registration: registry::Registration,
+    mut outbox_rx: crate::outbox::OutboxReceiver,
+    mut session: Option<Session>,
+    events: mpsc::Sender<Vec<ServerEvent>>,
+    permit: Slot,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let config = &inner.config;
+    let handle = registration.handle.clone();
+    let client = handle.id;
+    let close = handle.new_link(link.addr);
+    let outcome = drive(
+        link.reader,
+        link.writer,
+        link.held,
+        Drive {
+            mode: handle.mode,
+            max_body: config.max_frame,
+            refuse_late_hello: link.silent,
+            outbox: &mut outbox_rx,
+            reply: &handle.outbox,
+            pending: &handle.pending,
+            events: &events,
+            on_message: |message| ServerEvent::Message { client, message },
+            on_request: |request| ServerEvent::Request { client, request },
+            traffic: &handle.traffic,
+            close: &close,
+            close_order: || handle.close_order(),
+            drain_deadline: config.drain_deadline,
+            heartbeat: config.heartbeat,
+            idle_timeout: config.idle_timeout,
+            frame_timeout: config.frame_timeout,
+            rate_limit: config.rate_limit,
+            session: session.as_mut(),
+        },
+    )
+    .await;
+    let keep = session.is_some() && outcome.link_failed() && !handle.close.is_cancelled();
+    let mut reason = outcome.reason;
+    // The connection slot is free whether or not the session lives on.
     drop(permit);
+    if let (true, Some(session), Some(grace)) = (keep, session, config.session_grace) {
+        tracing::debug!(%client, %reason, "connection lost; session kept");
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Suspended {
+                client,
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        handle.park(Parked {
+            session,
+            outbox: outbox_rx,
+            registration,
+        });
+        let expiry = tokio::time::sleep(grace);
+        tokio::pin!(expiry);
+        loop {
+            tokio::select! {
+                _ = handle.on_resume.notified() => {
+                    if !handle.is_parked() {
+                        // A new connection carries the session now.
+                        return;
+                    }
+                }
+                _ = &mut expiry => break,
+                _ = handle.close.cancelled() => break,
+            }
+        }
+        let Some(parked) = handle.take_parked() else {
+            return;
+        };
+        reason = if handle.close.is_cancelled() {
+            handle.close_order().reason
+        } else {
+            let undelivered = parked.session.retained.unacked() + parked.outbox.len() as u64;
+            tracing::info!(%client, undelivered, "session expired");
+            DisconnectReason::SessionExpired { undelivered }
+        };
+        handle.pending.fail_all();
+        // Unregisters the client, before the event (see below).
+        drop(parked);
+    } else {
+        handle.pending.fail_all();
+        // Fail sends still waiting for room in this client's queue now: an application
+        // blocked in such a send may be the one that must read the event below.
+        drop(outbox_rx);
+        // Unregister before reporting, so that `clients()` never lists a client already
+        // reported gone and a client may reconnect as soon as it is.
+        drop(registration);
+    }
     tracing::debug!(%client, %reason, "disconnected");
     emit(
         &inner,
@@ -603,6 +810,76 @@ async fn serve_stream<S>(
         ServerEvent::Disconnected { client, reason },
     )
     .await;
+}
+
+/// Finds the session a hello asks to resume and takes it over: at once if it is parked, or
+/// after ending the connection that still carries it (the client noticed the drop before
+/// the server did). Fails with a reason that is logged but, so as not to help a guesser,
+/// sent to the client only as "session expired or unknown".
+async fn resume(
+    inner: &Inner,
+    token: &SessionToken,
+    received: u64,
+    principal: &[u8],
+) -> std::result::Result<Parked, &'static str> {
+    const UNKNOWN: &str = "session expired or unknown";
+    let handle = inner.registry.get(ClientId(token.id)).ok_or(UNKNOWN)?;
+    let key = handle.session.as_ref().ok_or(UNKNOWN)?;
+    if !key.admits(token, principal) {
+        tracing::warn!(%token, "resume with a wrong token or by another principal");
+        return Err(UNKNOWN);
+    }
+    let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
+    let mut parked = loop {
+        if let Some(parked) = handle.take_parked() {
+            break parked;
+        }
+        if handle.close.is_cancelled() {
+            return Err(UNKNOWN);
+        }
+        handle.take_over();
+        if tokio::time::timeout_at(deadline, handle.on_park.notified())
+            .await
+            .is_err()
+        {
+            return Err("the session's old connection did not let go in time");
+        }
+    };
+    handle.on_resume.notify_one();
+    if let Err(e) = parked.session.retained.resume(received) {
+        tracing::warn!(%token, error = %e, "resume with an impossible count");
+        handle.park(parked);
+        return Err(UNKNOWN);
+    }
+    Ok(parked)
+}
+
+/// The welcome for a client.
+fn welcome(config: &ServerConfig, client: ClientId, session: SessionGrant) -> Frame {
+    Frame::Welcome(Welcome {
+        version: wire::VERSION,
+        client_id: client.0,
+        max_frame: config.max_frame.min(u32::MAX as usize) as u32,
+        heartbeat_ms: config
+            .heartbeat
+            .map_or(0, |h| h.interval.as_millis().min(u32::MAX as u128) as u32),
+        session,
+    })
+}
+
+/// Writes the welcome within the handshake timeout.
+async fn send_welcome<W: AsyncWrite + Unpin>(
+    config: &ServerConfig,
+    writer: &mut FrameWriter<W>,
+    welcome: Frame,
+) -> Result<()> {
+    let sent = async {
+        writer.push(wire::encode(&welcome))?;
+        writer.flush().await.map_err(Error::from)
+    };
+    tokio::time::timeout(config.handshake_timeout, sent)
+        .await
+        .unwrap_or(Err(Error::Timeout(config.handshake_timeout)))
 }
 
 /// A connection that passed detection and, for sockframe clients, the handshake.
@@ -617,6 +894,10 @@ struct Admitted {
     broken: Option<DisconnectReason>,
     /// Classified as tutorial because it said nothing within the detection timeout.
     silent: bool,
+    /// The hello's token (empty without one).
+    token: Bytes,
+    /// What the hello asked about sessions.
+    session: SessionRequest,
 }
 
 impl Admitted {
@@ -627,6 +908,8 @@ impl Admitted {
             name: String::new(),
             broken: None,
             silent: false,
+            token: Bytes::new(),
+            session: SessionRequest::None,
         }
     }
 }
@@ -712,6 +995,8 @@ where
         name: hello.name,
         broken: None,
         silent: false,
+        token: hello.token,
+        session: hello.session,
     })
 }
 

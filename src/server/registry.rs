@@ -7,12 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{CloseOrder, Mode, Traffic};
-use crate::outbox::OutboxSender;
+use crate::outbox::{OutboxReceiver, OutboxSender};
+use crate::protocol::message::SessionToken;
 use crate::reason::DisconnectReason;
 use crate::request::Pending;
+use crate::session::Session;
 
 /// A client's id: unique for the life of the server, never reused (the tutorial's
 /// `Clients.Count` hands out the same id again after a disconnect). Ids start at 1.
@@ -48,11 +52,13 @@ pub struct ClientInfo {
     pub name: String,
 }
 
-/// What the server keeps for one connected client.
+/// What the server keeps for one connected client (for a client with a lossless session:
+/// for the whole session, across its connections).
 #[derive(Debug)]
 pub(crate) struct ClientHandle {
     pub(crate) id: ClientId,
-    pub(crate) addr: SocketAddr,
+    /// The address of the client's latest connection.
+    addr: Mutex<SocketAddr>,
     pub(crate) connected_at: SystemTime,
     pub(crate) mode: Mode,
     pub(crate) name: String,
@@ -61,10 +67,52 @@ pub(crate) struct ClientHandle {
     pub(crate) pending: Pending,
     /// Queue of messages to this client.
     pub(crate) outbox: OutboxSender,
-    /// Fired to close the connection (a child of the server's shutdown token).
+    /// Fired to end the client's connection and session (a child of the server's shutdown
+    /// token).
     pub(crate) close: CancellationToken,
     /// Why `close` was fired; unset means shutdown.
     order: Mutex<Option<CloseOrder>>,
+    /// The current connection's token, a child of `close`; fired alone when a resuming
+    /// connection takes the session over.
+    link: Mutex<CancellationToken>,
+    /// The session's token and who may resume it, if the client has a session.
+    pub(crate) session: Option<SessionKey>,
+    /// The session's state while no connection carries it.
+    parked: Mutex<Option<Parked>>,
+    /// Signalled when the session is parked (a resumer waiting for a takeover).
+    pub(crate) on_park: Notify,
+    /// Signalled when a resumer took the parked session (its expiry watch stops).
+    pub(crate) on_resume: Notify,
+}
+
+/// Who may resume a session.
+#[derive(Debug)]
+pub(crate) struct SessionKey {
+    pub(crate) token: SessionToken,
+    /// The credential the session was opened with: the hello's token, or the client
+    /// certificate's name under mutual TLS. A resume must present the same one, so a
+    /// session token alone does not let another principal in.
+    pub(crate) principal: Bytes,
+}
+
+impl SessionKey {
+    /// Whether `token` and `principal` may resume this session (constant time).
+    pub(crate) fn admits(&self, token: &SessionToken, principal: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        let same_principal: bool = self.principal.as_ref().ct_eq(principal).into();
+        // Both checks run whatever the first's result, so timing tells nothing of which
+        // failed.
+        self.token.matches(token) & same_principal
+    }
+}
+
+/// A session with no connection: what the next connection takes over.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub(crate) session: Session,
+    pub(crate) outbox: OutboxReceiver,
+    /// Keeps the client registered while it is away.
+    pub(crate) registration: Registration,
 }
 
 impl ClientHandle {
@@ -78,19 +126,58 @@ impl ClientHandle {
         self.close.cancel();
     }
 
-    /// How the connection is to be closed, once `close` has fired.
+    /// How the connection is to be closed, once `close` (or its link) has fired.
     pub(crate) fn close_order(&self) -> CloseOrder {
-        lock(&self.order).clone().unwrap_or(CloseOrder {
-            reason: DisconnectReason::Shutdown,
-            graceful: true,
-        })
+        if let Some(order) = lock(&self.order).clone() {
+            return order;
+        }
+        if self.close.is_cancelled() {
+            CloseOrder {
+                reason: DisconnectReason::Shutdown,
+                graceful: true,
+            }
+        } else {
+            // Only the link fired: a resume took the session over.
+            CloseOrder {
+                reason: DisconnectReason::Replaced,
+                graceful: false,
+            }
+        }
+    }
+
+    /// A token for a new connection of this client (the old one's stays fired).
+    pub(crate) fn new_link(&self, addr: SocketAddr) -> CancellationToken {
+        let link = self.close.child_token();
+        *lock(&self.link) = link.clone();
+        *lock(&self.addr) = addr;
+        link
+    }
+
+    /// Ends the current connection so that a resuming one can take the session over.
+    pub(crate) fn take_over(&self) {
+        lock(&self.link).cancel();
+    }
+
+    /// Leaves the session for the next connection to take.
+    pub(crate) fn park(&self, parked: Parked) {
+        *lock(&self.parked) = Some(parked);
+        self.on_park.notify_one();
+    }
+
+    /// Takes the parked session, if it is parked.
+    pub(crate) fn take_parked(&self) -> Option<Parked> {
+        lock(&self.parked).take()
+    }
+
+    pub(crate) fn is_parked(&self) -> bool {
+        lock(&self.parked).is_some()
     }
 
     pub(crate) fn info(&self) -> ClientInfo {
         let t = &self.traffic;
         ClientInfo {
             id: self.id,
-            addr: self.addr,
+            addr: *lock(&self.addr),
             connected_at: self.connected_at,
             messages_in: t.messages_in.load(Ordering::Relaxed),
             bytes_in: t.bytes_in.load(Ordering::Relaxed),
@@ -124,11 +211,13 @@ impl Registry {
         peer: Peer,
         outbox: OutboxSender,
         close: CancellationToken,
+        session: impl FnOnce(ClientId) -> Option<SessionKey>,
     ) -> Registration {
         let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let link = close.child_token();
         let handle = Arc::new(ClientHandle {
             id,
-            addr: peer.addr,
+            addr: Mutex::new(peer.addr),
             connected_at: SystemTime::now(),
             mode: peer.mode,
             name: peer.name,
@@ -137,6 +226,11 @@ impl Registry {
             outbox,
             close,
             order: Mutex::new(None),
+            link: Mutex::new(link),
+            session: session(id),
+            parked: Mutex::new(None),
+            on_park: Notify::new(),
+            on_resume: Notify::new(),
         });
         lock(&self.clients).insert(id, handle.clone());
         Registration {

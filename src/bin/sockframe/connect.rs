@@ -93,10 +93,15 @@ fn show(event: ClientEvent) -> Result<()> {
         }
         ClientEvent::Connected { addr } => eprintln!("connected to {addr}"),
         ClientEvent::Disconnected { reason } => eprintln!("disconnected: {reason}"),
+        ClientEvent::Resumed { addr } => eprintln!("resumed the session with {addr}"),
+        ClientEvent::SessionExpired { undelivered } => eprintln!(
+            "session expired: {undelivered} message(s) sent before may not have been delivered"
+        ),
         ClientEvent::Reconnecting { attempt, delay } => eprintln!(
             "reconnecting (attempt {attempt}, in {}ms)",
             delay.as_millis()
         ),
+        other => eprintln!("{other:?}"),
     }
     Ok(())
 }

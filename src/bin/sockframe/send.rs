@@ -1,6 +1,11 @@
-//! `sockframe send`: connects, sends messages, waits until they are delivered, and exits.
+//! `sockframe send`: connects, sends messages, waits until the server confirms them, and
+//! exits.
 //!
-//! Messages the server sends meanwhile are ignored.
+//! In the sockframe protocol the client opens a lossless session and reconnects (within
+//! `--timeout`) if the connection drops, so a flaky link loses nothing; it exits 0 only once
+//! the server acknowledged every message (its application has them). Over the tutorial
+//! framing, which has no acknowledgements, "confirmed" means written and the server closed
+//! its side. Messages the server sends meanwhile are ignored.
 
 use std::ffi::OsString;
 use std::pin::pin;
@@ -9,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures_util::FutureExt;
+use sockframe::Mode;
 use sockframe::client::{Client, ClientConfig, ClientEvent, ClientSender};
 
 use crate::parse;
@@ -32,12 +38,17 @@ pub struct Args {
     peer: crate::peer::PeerArgs,
 }
 
-/// Connects, sends, and closes cleanly: returns `Ok` only once every message was written and
-/// the server closed its side too.
+/// Connects, sends, and closes cleanly: returns `Ok` only once every message was confirmed
+/// (see the module docs).
 pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr);
     config.backoff.deadline = Some(args.timeout);
     args.peer.apply(&mut config)?;
+    let session = config.protocol == Mode::Sockframe;
+    if session {
+        config.reconnect = true;
+        config.reconnect_backoff.deadline = Some(args.timeout);
+    }
     // No added context: the library's error reads "cannot connect to ADDR: connection
     // refused (is `sockframe serve` running?)", which says it all.
     let mut client = Client::connect(config).await?;
@@ -49,13 +60,26 @@ pub async fn run(args: Args) -> Result<()> {
                 fed?;
                 break;
             }
-            event = client.recv() => check(event)?,
+            event = client.recv() => check(event, session)?,
+        }
+    }
+    {
+        let sender = client.sender();
+        let mut confirmed = pin!(sender.flush());
+        loop {
+            tokio::select! {
+                done = &mut confirmed => {
+                    done.context("the messages were not confirmed by the server")?;
+                    break;
+                }
+                event = client.recv() => check(event, session)?,
+            }
         }
     }
     // A drop that is already known must fail the command, and `close` alone would not
     // report it (the connection is gone and there is nothing left for it to flush).
     while let Some(event) = client.recv().now_or_never() {
-        check(event)?;
+        check(event, session)?;
     }
     client
         .close()
@@ -86,11 +110,19 @@ async fn feed(messages: Vec<OsString>, sender: ClientSender) -> Result<()> {
     Ok(())
 }
 
-/// Fails on a lost connection: the messages may not all have arrived.
-fn check(event: Option<ClientEvent>) -> Result<()> {
+/// Fails when messages may have been lost: a lost connection without a session, or a
+/// session the server no longer has. (With a session, a drop is followed by a resume.)
+fn check(event: Option<ClientEvent>, session: bool) -> Result<()> {
     match event {
-        Some(ClientEvent::Disconnected { reason }) => {
+        Some(ClientEvent::Disconnected { reason }) if !session => {
             bail!("the connection closed before all messages were confirmed sent: {reason}")
+        }
+        Some(ClientEvent::Disconnected { reason }) => {
+            eprintln!("connection lost ({reason}); resuming the session");
+            Ok(())
+        }
+        Some(ClientEvent::SessionExpired { undelivered }) => {
+            bail!("the server lost the session: {undelivered} message(s) may not have arrived")
         }
         Some(_) => Ok(()),
         None => bail!("the connection closed before all messages were confirmed sent"),

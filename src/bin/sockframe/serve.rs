@@ -81,6 +81,10 @@ pub struct Args {
     /// Disconnect clients that send no message for this long [default: off]
     #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Keep the lossless session of a client whose connection dropped this long, for it to
+    /// resume without losing a message ("0s" turns sessions off)
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse::duration)]
+    session_grace: std::time::Duration,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key. SIGHUP reloads both
     /// files: new connections use the new pair
     #[arg(long, value_name = "PEM", requires = "tls_key")]
@@ -178,6 +182,7 @@ pub async fn run(args: Args) -> Result<()> {
         ..Default::default()
     });
     config.idle_timeout = args.idle_timeout;
+    config.session_grace = (!args.session_grace.is_zero()).then_some(args.session_grace);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let tls = sockframe::tls::ServerTls::from_files(cert, key, args.client_ca.clone())?;
         config.tls = Some(std::sync::Arc::new(tls));
@@ -548,6 +553,23 @@ impl Printer {
                 output::payload_field(request.message()),
                 output::kind_field(request.message()),
             ]),
+            (ServerEvent::Suspended { client, reason }, false) => {
+                format!("suspended {client} {reason}")
+            }
+            (ServerEvent::Suspended { client, reason }, true) => json_object(&[
+                ("event", "suspended".into()),
+                ("client", client.0.into()),
+                ("reason", reason.to_string().into()),
+                ("reason_code", reason.code().into()),
+            ]),
+            (ServerEvent::Resumed { client, addr }, false) => {
+                format!("resumed {client} {addr}")
+            }
+            (ServerEvent::Resumed { client, addr }, true) => json_object(&[
+                ("event", "resumed".into()),
+                ("client", client.0.into()),
+                ("addr", addr.to_string().into()),
+            ]),
             (ServerEvent::Disconnected { client, reason }, false) => {
                 format!("disconnected {client} {reason}")
             }
@@ -556,6 +578,12 @@ impl Printer {
                 ("client", client.0.into()),
                 ("reason", reason.to_string().into()),
                 ("reason_code", reason.code().into()),
+            ]),
+            // Kinds of events this version of the CLI does not know yet.
+            (other, false) => format!("event {other:?}"),
+            (other, true) => json_object(&[
+                ("event", "other".into()),
+                ("debug", format!("{other:?}").into()),
             ]),
         }
     }
