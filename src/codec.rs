@@ -27,6 +27,9 @@ use crate::protocol::frame::{
 /// a 1 MiB message still needs only one reservation.
 const RESERVE_STEP: usize = 1024 * 1024 + HEADER_LEN;
 
+/// Spare room kept in the read buffer once data flows (see `decode`).
+const READ_ROOM: usize = 8 * 1024;
+
 /// Spare room below which the buffer grows again while a frame arrives.
 const LOW_WATER: usize = 64 * 1024;
 
@@ -73,6 +76,12 @@ impl Decoder for TutorialCodec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        // Room for the next read, taken once bytes have arrived rather than up front: an
+        // idle connection then holds no read buffer at all (8 KiB each, resident, measured
+        // with 10,000 idle connections), and a busy one reads in chunks of at least this.
+        if !src.is_empty() && src.capacity() - src.len() < READ_ROOM / 2 {
+            src.reserve(READ_ROOM);
+        }
         let Some(len) = check_header(src, self.max_frame)? else {
             return Ok(None);
         };

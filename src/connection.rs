@@ -42,8 +42,9 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// At most this many buffers go into one vectored write.
 const MAX_IOVECS: usize = 64;
 
-/// Initial capacity of the read buffer.
-const READ_BUFFER: usize = 8 * 1024;
+/// Initial capacity of the read buffer: none. The codec takes room once bytes arrive, so an
+/// idle connection holds no read buffer.
+const READ_BUFFER: usize = 0;
 
 /// A byte stream with tutorial framing on it.
 #[derive(Debug)]
@@ -173,15 +174,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             self.chunks.push_back(self.buf.split().freeze());
         }
         while !self.chunks.is_empty() {
-            let n = {
+            let (io, chunks) = (&mut self.io, &self.chunks);
+            // The slices are built on the stack at each poll rather than held across an
+            // `.await`: held, their 1 KiB would be part of every connection's future, idle or
+            // not (this future is nested in the connection's).
+            let n = std::future::poll_fn(|cx| {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let mut count = 0;
-                for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                for (slot, chunk) in slices.iter_mut().zip(chunks.iter()) {
                     *slot = IoSlice::new(chunk);
                     count += 1;
                 }
-                self.io.write_vectored(&slices[..count]).await?
-            };
+                std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+            })
+            .await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -229,8 +235,48 @@ pub(crate) const HEAD_ROOM: usize = 16;
 /// of per message, which is most of the cost of small messages.
 pub(crate) const MAX_BATCH: usize = 256;
 
-/// Pending control frames (pongs, closes) before reading pauses.
-const CONTROL_CAPACITY: usize = 64;
+/// Control frames waiting for the writer: a ping to send, a ping to answer, an
+/// acknowledgement due.
+///
+/// Flags rather than a queue: at most one of each is ever worth sending (one pong proves us
+/// alive whichever ping it answers, and an `ACK` carries the latest count), so a peer that
+/// floods pings gets one pong per write, not a queue of them; and a channel's first block
+/// cost 2 KiB per connection, idle or not. Both halves run in one task; atomics only
+/// because the connection's future must be `Send`.
+#[derive(Debug, Default)]
+struct Control {
+    /// A ping to send, and its nonce.
+    ping: std::sync::atomic::AtomicBool,
+    ping_nonce: AtomicU64,
+    /// A pong to send, and the nonce of the ping it answers.
+    pong: std::sync::atomic::AtomicBool,
+    pong_nonce: AtomicU64,
+    /// Send an `ACK` now (sessions).
+    ack: std::sync::atomic::AtomicBool,
+    /// Wakes the writer.
+    wake: tokio::sync::Notify,
+    /// Wakes a reader waiting for the pending pong to be taken.
+    pong_taken: tokio::sync::Notify,
+}
+
+impl Control {
+    fn ping(&self, nonce: u64) {
+        self.ping_nonce.store(nonce, Ordering::Relaxed);
+        self.ping.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn pong(&self, nonce: u64) {
+        self.pong_nonce.store(nonce, Ordering::Relaxed);
+        self.pong.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn ack(&self) {
+        self.ack.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
 
 /// How long a farewell `CLOSE` frame may take to write on an ungraceful close.
 const FAREWELL: Duration = Duration::from_secs(1);
@@ -528,7 +574,7 @@ where
     R: Fn(Request) -> E,
     C: Fn() -> CloseOrder,
 {
-    let (control, mut control_rx) = mpsc::channel::<Frame>(CONTROL_CAPACITY);
+    let control = Control::default();
     let liveness = Liveness::default();
     let (retained, received_slot) = match d.session {
         Some(session) if d.mode == Mode::Sockframe => {
@@ -568,7 +614,7 @@ where
         let write = write_loop(
             &mut writer,
             d.outbox,
-            &mut control_rx,
+            &control,
             d.close,
             d.traffic,
             d.mode,
@@ -598,9 +644,7 @@ where
                         break Ended::Timeout(DisconnectReason::HeartbeatTimeout);
                     }
                     nonce += 1;
-                    // A full control queue means pongs are already waiting to go out; this
-                    // ping can be skipped.
-                    let _ = control.try_send(Frame::Ping(nonce));
+                    control.ping(nonce);
                 }
                 _ = async { idle_check.as_mut().unwrap().tick().await }, if idle_check.is_some() => {
                     let idle = d.idle_timeout.expect("idle_check implies idle timeout");
@@ -759,7 +803,7 @@ struct Inbound<'a, E, M, R> {
     on_request: &'a R,
     reply: &'a OutboxSender,
     pending: &'a Pending,
-    control: &'a mpsc::Sender<Frame>,
+    control: &'a Control,
     traffic: &'a Traffic,
     liveness: &'a Liveness,
     /// The session's counters, when the connection carries one.
@@ -795,10 +839,7 @@ where
                     Ok(None) => {
                         self.flush(batch).await;
                         if self.acks.is_some_and(|a| a.ack_due()) {
-                            // `Ack` on the control queue means "acknowledge now"; the writer
-                            // fills in the count. If the queue is full, an ACK goes out with
-                            // what is already waiting there.
-                            let _ = self.control.try_send(Frame::Ack(0));
+                            self.control.ack();
                         }
                         self.read(reader, clock).await
                     }
@@ -900,11 +941,14 @@ where
                     );
                 }
                 Ok(Frame::Ping(nonce)) => {
-                    let Ok(slot) = self.control.reserve().await else {
-                        return DisconnectReason::Closed;
-                    };
+                    // One pong waiting is enough. While it waits (the peer does not read
+                    // what we write), a peer that keeps pinging is not read either: TCP
+                    // slows it down, and its silence ends in a heartbeat timeout.
+                    while self.control.pong.load(Ordering::Acquire) {
+                        self.control.pong_taken.notified().await;
+                    }
                     held.take();
-                    slot.send(Frame::Pong(nonce));
+                    self.control.pong(nonce);
                 }
                 Ok(Frame::Pong(_) | Frame::Unknown(_)) => {
                     held.take();
@@ -926,11 +970,8 @@ where
                             "acknowledgement request outside a session".into(),
                         );
                     }
-                    let Ok(slot) = self.control.reserve().await else {
-                        return DisconnectReason::Closed;
-                    };
                     held.take();
-                    slot.send(Frame::Ack(0));
+                    self.control.ack();
                 }
                 Ok(Frame::Close { code, text }) => {
                     self.farewell.store(true, Ordering::Relaxed);
@@ -1073,7 +1114,7 @@ where
 async fn write_loop<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
-    control: &mut mpsc::Receiver<Frame>,
+    control: &Control,
     close: &CancellationToken,
     traffic: &Traffic,
     mode: Mode,
@@ -1111,7 +1152,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = close.cancelled() => return Ok(()),
-            Some(frame) = control.recv() => lane.control(&frame)?,
+            _ = control.wake.notified() => lane.control(control)?,
             item = outbox.recv(), if room => match item {
                 Some(item) => lane.take(item, &mut session)?,
                 None => {
@@ -1124,9 +1165,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         // Gather what is queued right now, then write it all at once.
         while lane.writer.pending() < BATCH_BYTES {
-            if let Ok(frame) = control.try_recv() {
-                lane.control(&frame)?;
-            } else if session.as_ref().is_none_or(|(r, _)| r.has_room())
+            if session.as_ref().is_none_or(|(r, _)| r.has_room())
                 && let Some(item) = outbox.try_recv()
             {
                 lane.take(item, &mut session)?;
@@ -1134,6 +1173,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
         }
+        lane.control(control)?;
         if let Some((retained, acks)) = &mut session {
             // Acknowledge what arrived with whatever goes out anyway (piggy-backing), and
             // ask for acknowledgements when a flush waits or the window fills.
@@ -1176,16 +1216,26 @@ impl<W: AsyncWrite + Unpin> Lane<'_, W> {
         push(self.writer, item, self.traffic, self.mode)
     }
 
-    /// A control frame; `Ack` stands for "acknowledge now", with the count filled in when
-    /// the batch is complete.
-    fn control(&mut self, frame: &Frame) -> io::Result<()> {
-        match frame {
-            Frame::Ack(_) => {
-                self.ack_now = true;
-                Ok(())
-            }
-            frame => push_control(self.writer, frame),
+    /// The control frames that are due; an acknowledgement only gets its count when the
+    /// batch is complete.
+    fn control(&mut self, control: &Control) -> io::Result<()> {
+        if control.ping.swap(false, Ordering::Acquire) {
+            push_control(
+                self.writer,
+                &Frame::Ping(control.ping_nonce.load(Ordering::Relaxed)),
+            )?;
         }
+        if control.pong.swap(false, Ordering::Acquire) {
+            push_control(
+                self.writer,
+                &Frame::Pong(control.pong_nonce.load(Ordering::Relaxed)),
+            )?;
+            control.pong_taken.notify_one();
+        }
+        if control.ack.swap(false, Ordering::Acquire) {
+            self.ack_now = true;
+        }
+        Ok(())
     }
 
     /// An item from the outbox: written, and kept until acknowledged in a session.

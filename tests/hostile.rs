@@ -1178,7 +1178,7 @@ async fn a_ping_flood_that_never_reads_its_pongs_is_stopped_and_bounded() {
         "the server kept reading pings forever"
     );
 
-    // Once its pongs fill the control queue (64) and the socket, the server stops reading
+    // Once a pong waits behind a full socket, the server stops reading
     // the peer; nothing arrives from it any more, so after `misses` intervals the heartbeat
     // declares it dead (its silence is ours, but it is the peer that does not read).
     let reason = wait_seen(&h.seen, "the pinger's disconnect", |s| {

@@ -498,28 +498,46 @@ async fn serve_client(
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
     #[cfg(feature = "tls")]
-    if let Some(tls) = &inner.config.tls {
-        let accept = tls.acceptor().accept(stream);
-        let stream = match tokio::time::timeout(inner.config.handshake_timeout, accept).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%addr, "TLS handshake timed out");
-                return;
-            }
-        };
-        let cert_name = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(crate::tls::certificate_name);
-        return serve_stream(inner, stream, addr, events, permit, cert_name).await;
+    if inner.config.tls.is_some() {
+        // Boxed: the TLS handshake's and a TLS stream's states are larger, and every plain
+        // connection's future (the bulk of an idle connection's memory) would otherwise be
+        // as large as a TLS one's.
+        return Box::pin(serve_tls(inner, stream, addr, events, permit)).await;
     }
     serve_stream(inner, stream, addr, events, permit, None).await
+}
+
+/// Runs the TLS handshake, then the rest of the connection over TLS.
+#[cfg(feature = "tls")]
+async fn serve_tls(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    events: mpsc::Sender<Vec<ServerEvent>>,
+    permit: Slot,
+) {
+    let Some(tls) = &inner.config.tls else {
+        return;
+    };
+    let accept = tls.acceptor().accept(stream);
+    let stream = match tokio::time::timeout(inner.config.handshake_timeout, accept).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cert_name = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(crate::tls::certificate_name);
+    serve_stream(inner, stream, addr, events, permit, cert_name).await
 }
 
 /// Runs one client's connection: protocol detection and handshake, then registration (or
