@@ -128,7 +128,7 @@ pub fn sweep(path: &Path, title: &str, round_trips: bool, outcomes: &[Outcome]) 
     Ok(())
 }
 
-/// One log-log chart of `series` (name, colour, one value per size) against size.
+/// One chart of `series` (name, colour, one value per size) against size.
 fn panel<'a, I: Iterator<Item = f64>>(
     area: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
     y_desc: &str,
@@ -138,40 +138,52 @@ fn panel<'a, I: Iterator<Item = f64>>(
     let x_min = sizes().fold(f64::MAX, f64::min) / 1.5;
     let x_max = sizes().fold(0.0, f64::max) * 1.5;
     let values = series.iter().flat_map(|s| s.2.iter().copied());
-    let y_min = (values.clone().fold(f64::MAX, f64::min) / 1.5).max(1e-3);
-    let y_max = (values.fold(0.0, f64::max) * 1.5).max(y_min * 10.0);
-    let mut chart = ChartBuilder::on(area)
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())?;
-    chart
-        .configure_mesh()
-        .x_desc("message size")
-        .y_labels(12)
-        .y_desc(y_desc)
-        .x_label_formatter(&|x| size_label(*x))
-        .y_label_formatter(&|y| short(*y))
-        .draw()?;
-    for (name, colour, ys) in series {
-        let points: Vec<(f64, f64)> = sizes().zip(ys.iter().copied()).collect();
-        let style = colour.stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(points.clone(), style))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 3, colour.filled())),
-        )?;
+    let lo = values.clone().fold(f64::MAX, f64::min).max(1e-3);
+    let hi = values.fold(0.0, f64::max).max(lo * 1.01);
+    // The two coordinate types differ, so the drawing is spelled out once for each.
+    macro_rules! draw {
+        ($y:expr) => {{
+            let mut chart = ChartBuilder::on(area)
+                .margin(15)
+                .x_label_area_size(45)
+                .y_label_area_size(70)
+                .build_cartesian_2d((x_min..x_max).log_scale(), $y)?;
+            chart
+                .configure_mesh()
+                .x_desc("message size")
+                .y_labels(12)
+                .y_desc(y_desc)
+                .x_label_formatter(&|x| size_label(*x))
+                .y_label_formatter(&|y| short(*y))
+                .draw()?;
+            for (name, colour, ys) in series {
+                let points: Vec<(f64, f64)> = sizes().zip(ys.iter().copied()).collect();
+                let style = colour.stroke_width(2);
+                chart
+                    .draw_series(LineSeries::new(points.clone(), style))?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                chart.draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, colour.filled())),
+                )?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }};
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    // Logarithmic only when the values span decades (messages/s over sizes); a linear axis
+    // from 0 otherwise, where a logarithmic one would show hardly any labels.
+    if hi / lo > 30.0 {
+        draw!((lo / 1.5..hi * 1.5).log_scale());
+    } else {
+        draw!(0.0..hi * 1.15);
+    }
     Ok(())
 }
 
