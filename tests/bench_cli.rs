@@ -372,6 +372,26 @@ fn pings_are_answered_while_idle() {
 }
 
 #[test]
+fn broadcast_in_the_sockframe_protocol() {
+    let (_server, addr) = serve(&["--protocol", "sockframe", "--fanout"]);
+    let mut args = vec![
+        "--protocol",
+        "sockframe",
+        "--mode",
+        "broadcast",
+        "--conns",
+        "3",
+        "--size",
+        "1KiB",
+    ];
+    args.extend_from_slice(&SHORT);
+    let (results, _) = bench(addr, &args);
+    let r = &results[0];
+    assert_eq!(r["mode"], "broadcast", "{r}");
+    assert!(r["deliveries"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
 fn bad_combinations_are_refused() {
     let error = bench_error("127.0.0.1:9", &["--mode", "request"]);
     assert!(error.contains("--protocol sockframe"), "{error}");

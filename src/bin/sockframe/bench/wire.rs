@@ -88,6 +88,13 @@ impl Wire {
         let mut at = 0;
         while let Some(header) = buf[at..].first_chunk::<4>() {
             let len = u32::from_le_bytes(*header) as usize;
+            // Not a frame of either framing (the top bit is a negative length to the
+            // tutorial): refuse it rather than reserve gigabytes for it.
+            if len > i32::MAX as usize {
+                bail!(
+                    "the server sent a frame length of {len}: is it speaking this framing (and TLS only with --tls)?"
+                );
+            }
             let Some(payload) = buf.get(at + 4..at + 4 + len) else {
                 break;
             };
@@ -299,6 +306,9 @@ mod tests {
         let mut buf = BytesMut::from(&close[..]);
         let err = SF.take_frames(&mut buf, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("bye"), "{err}");
+
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
+        assert!(TUT.take_frames(&mut buf, |_| Ok(())).is_err());
     }
 
     #[test]
