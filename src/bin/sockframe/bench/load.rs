@@ -1,0 +1,368 @@
+//! The per-connection load loops of `sockframe bench`.
+//!
+//! Every loop writes in batches and parses what it reads in place (see `wire`); the
+//! round-trip loops read and write from one task with non-blocking polls, so a large window
+//! cannot deadlock against a server that stops reading while its writes are blocked.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Conn, Stream};
+use super::wire::{Incoming, Wire};
+use crate::peer::Protocol;
+
+/// Frames for small messages are batched into writes of about this many bytes.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// `broadcast`: most messages the sender may have sent that the slowest reader has not yet
+/// received (well under the server's default queue of 1,024 messages per client).
+pub const BROADCAST_AHEAD: u64 = 512;
+
+/// Read buffers of busy connections grow by this much when they run low.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What the connection tasks share with the sampler.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Messages written (`throughput`), round trips (`pingpong`, `request`) or deliveries
+    /// (`broadcast`).
+    pub messages: AtomicU64,
+    /// Set after the warm-up: round trips are recorded from then on.
+    pub recording: AtomicBool,
+    /// Cancelled when the measurement is over.
+    pub stop: CancellationToken,
+}
+
+/// A latency histogram: nanoseconds from 1 ns to 10 minutes (longer ones count as 10
+/// minutes), 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Writes what `out` holds (from `*written` on) as far as the socket takes it, then reads
+/// into `inbuf`; returns once something was read (0: end of stream). Like `try_write` and
+/// `try_read` on a `TcpStream`, but for TLS as well.
+async fn exchange(
+    stream: &mut Stream,
+    out: &mut Vec<u8>,
+    written: &mut usize,
+    inbuf: &mut BytesMut,
+    chunk: usize,
+) -> io::Result<usize> {
+    poll_fn(|cx| {
+        while *written < out.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &out[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if *written == out.len() {
+            out.clear();
+            *written = 0;
+        }
+        // TLS may hold back what the socket did not take; this pushes it on (a no-op for
+        // TCP).
+        if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if inbuf.capacity() - inbuf.len() < chunk / 16 + 1 {
+            inbuf.reserve(chunk);
+        }
+        // A fresh `read_buf` future per poll: it holds no state between polls, and this
+        // reads into the spare capacity without initializing it first.
+        std::pin::pin!(stream.read_buf(&mut *inbuf)).poll(cx)
+    })
+    .await
+}
+
+/// `pingpong` and `request`: keeps `window` messages (or requests) in flight and records the
+/// round trip of each, from when it was queued for writing until its echo (or response) was
+/// parsed, once recording has started.
+pub async fn round_trips(
+    conn: Conn,
+    wire: Wire,
+    body: Arc<[u8]>,
+    window: usize,
+    requests: bool,
+    shared: Arc<Shared>,
+) -> Result<Histogram<u64>> {
+    let Conn {
+        mut stream,
+        mut inbuf,
+    } = conn;
+    let size = body.len();
+    let mut hist = histogram();
+    // (request id, queued at); ids are 0 for pingpong, where echoes come back in order.
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
+    let mut next_id = 0u64;
+    let mut out = Vec::with_capacity(window.min(4096) * (wire.message_len(size) + 16));
+    let mut written = 0;
+    let mut queue = |out: &mut Vec<u8>, in_flight: &mut VecDeque<(u64, Instant)>, now| {
+        if requests {
+            wire.put_request(out, next_id, &body);
+            in_flight.push_back((next_id, now));
+            next_id += 1;
+        } else {
+            wire.put_message(out, &body);
+            in_flight.push_back((0, now));
+        }
+    };
+    let now = Instant::now();
+    for _ in 0..window {
+        queue(&mut out, &mut in_flight, now);
+    }
+    loop {
+        // What the handshake left over (or the previous read) is parsed first.
+        let now = Instant::now();
+        let record = shared.recording.load(Ordering::Relaxed);
+        let mut done = 0;
+        wire.take_frames(&mut inbuf, |incoming| {
+            let t0 = match incoming {
+                Incoming::Message(len) if !requests => {
+                    if len != size {
+                        bail!(
+                            "got a {len}-byte message back, expected {size}: is the server echoing?"
+                        );
+                    }
+                    let Some((_, t0)) = in_flight.pop_front() else {
+                        bail!("got more messages back than were sent: is the server echoing?");
+                    };
+                    t0
+                }
+                Incoming::Response { id, len } if requests => {
+                    if len != size {
+                        bail!("got a {len}-byte response, expected {size}: is the server echoing?");
+                    }
+                    // Responses normally come in order; look further only when not.
+                    let at = match in_flight.front() {
+                        Some((first, _)) if *first == id => 0,
+                        _ => in_flight
+                            .iter()
+                            .position(|(i, _)| *i == id)
+                            .with_context(|| {
+                                format!("a response to request {id}, which is not in flight")
+                            })?,
+                    };
+                    in_flight.remove(at).expect("in flight").1
+                }
+                Incoming::Ping(nonce) => {
+                    wire.put_pong(&mut out, nonce);
+                    return Ok(());
+                }
+                Incoming::Ignored => return Ok(()),
+                Incoming::Message(_) => bail!("got a message while waiting for responses"),
+                Incoming::Response { .. } => bail!("got a response to a request never sent"),
+            };
+            if record {
+                let ns = u64::try_from((now - t0).as_nanos()).unwrap_or(u64::MAX);
+                hist.saturating_record(ns.max(1));
+            }
+            done += 1;
+            queue(&mut out, &mut in_flight, now);
+            Ok(())
+        })?;
+        if record {
+            shared.messages.fetch_add(done, Ordering::Relaxed);
+        }
+        let read = tokio::select! {
+            () = shared.stop.cancelled() => return Ok(hist),
+            read = exchange(&mut stream, &mut out, &mut written, &mut inbuf, READ_CHUNK) => read,
+        };
+        match read {
+            Ok(0) => bail!("the server closed the connection"),
+            Ok(_) => {}
+            Err(e) => return Err(e).context("the connection to the server failed"),
+        }
+    }
+}
+
+/// `throughput`: writes frames as fast as the connection takes them, in batches of about
+/// [`WRITE_BATCH`] bytes, counting each batch once written. Whatever the server sends back is
+/// read and dropped (pings are answered), so an echo server cannot stall the writer.
+pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Shared>) -> Result<()> {
+    let per_batch = (WRITE_BATCH / wire.message_len(body.len())).max(1);
+    let mut batch = Vec::with_capacity(per_batch * wire.message_len(body.len()));
+    for _ in 0..per_batch {
+        wire.put_message(&mut batch, &body);
+    }
+    let Conn { stream, mut inbuf } = conn;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // The reader asks the writer for a pong: the nonce, and whether one is due.
+    let pong = (AtomicBool::new(false), AtomicU64::new(0));
+    let drain = async {
+        match wire.protocol {
+            // Nothing to answer: read and drop without parsing.
+            Protocol::Tutorial => {
+                let mut buf = vec![0; READ_CHUNK];
+                while rd.read(&mut buf).await? > 0 {}
+            }
+            Protocol::Sockframe => loop {
+                if inbuf.capacity() - inbuf.len() < 4096 {
+                    inbuf.reserve(READ_CHUNK);
+                }
+                wire.take_frames(&mut inbuf, |incoming| {
+                    if let Incoming::Ping(nonce) = incoming {
+                        pong.1.store(nonce, Ordering::Relaxed);
+                        pong.0.store(true, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })?;
+                if rd.read_buf(&mut inbuf).await? == 0 {
+                    break;
+                }
+            },
+        }
+        // The server closed its side; keep writing until our write fails or we stop.
+        std::future::pending::<Result<()>>().await
+    };
+    let write = write_batches(&mut wr, wire, &batch, per_batch as u64, &pong, &shared);
+    let result: Result<()> = tokio::select! {
+        () = shared.stop.cancelled() => Ok(()),
+        r = drain => r,
+        r = write => r.map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        // The measurement was over when the server went away.
+        Err(_) if shared.stop.is_cancelled() => Ok(()),
+        Err(e) => Err(e).context("writing to the server failed"),
+    }
+}
+
+/// The writing half of [`flat_out`]: `batch` (holding `per_batch` messages) again and again,
+/// and a pong after a batch when the reader saw a ping.
+async fn write_batches(
+    wr: &mut (impl AsyncWrite + Unpin),
+    wire: Wire,
+    batch: &[u8],
+    per_batch: u64,
+    pong: &(AtomicBool, AtomicU64),
+    shared: &Shared,
+) -> io::Result<()> {
+    let mut extra = Vec::new();
+    loop {
+        wr.write_all(batch).await?;
+        shared.messages.fetch_add(per_batch, Ordering::Relaxed);
+        if pong.0.swap(false, Ordering::Relaxed) {
+            extra.clear();
+            wire.put_pong(&mut extra, pong.1.load(Ordering::Relaxed));
+            wr.write_all(&extra).await?;
+        }
+    }
+}
+
+/// `broadcast`: sends frames in batches, staying at most [`BROADCAST_AHEAD`] messages ahead of
+/// the reader that has received the fewest (`received`: one count per reader).
+pub async fn send_paced(
+    conn: Conn,
+    wire: Wire,
+    body: Arc<[u8]>,
+    received: Vec<Arc<AtomicU64>>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let mut stream = conn.stream;
+    let mut one = Vec::new();
+    wire.put_message(&mut one, &body);
+    let per_batch = (WRITE_BATCH / one.len()).clamp(1, BROADCAST_AHEAD as usize / 4) as u64;
+    let batch = one.repeat(per_batch as usize);
+    let mut sent = 0u64;
+    let send = async {
+        // The server registers a connection a little after its TCP handshake, and a reader
+        // not yet registered misses what is sent meanwhile, which pacing against it would
+        // wait for forever. So probe, one frame at a time, until every reader gets them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !received.iter().all(|r| r.load(Ordering::Relaxed) > 0) {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(
+                    "not every reader receives the broadcasts (is the server fanning out?)",
+                ));
+            }
+            stream.write_all(&one).await?;
+            stream.flush().await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Pace from here on, against what each reader has received since.
+        let base: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        loop {
+            loop {
+                let slowest = received
+                    .iter()
+                    .zip(&base)
+                    .map(|(r, b)| r.load(Ordering::Relaxed) - b)
+                    .min()
+                    .unwrap_or(sent);
+                if sent + per_batch <= slowest + BROADCAST_AHEAD {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stream.write_all(&batch).await?;
+            stream.flush().await?;
+            sent += per_batch;
+        }
+    };
+    let result: io::Result<()> = tokio::select! {
+        () = stop.cancelled() => Ok(()),
+        r = send => r,
+    };
+    match result {
+        Err(e) if !stop.is_cancelled() => Err(e).context("writing to the server failed"),
+        _ => Ok(()),
+    }
+}
+
+/// `broadcast` readers (and `idle` connections, with a small buffer): read frames and count
+/// the messages (in `mine` and in `shared`), answering pings, until stopped.
+pub async fn receive(
+    conn: Conn,
+    wire: Wire,
+    mine: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    chunk: usize,
+) -> Result<()> {
+    let Conn {
+        mut stream,
+        mut inbuf,
+    } = conn;
+    let mut out = Vec::new();
+    let mut written = 0;
+    loop {
+        let mut n = 0;
+        wire.take_frames(&mut inbuf, |incoming| {
+            match incoming {
+                Incoming::Message(_) => n += 1,
+                Incoming::Ping(nonce) => wire.put_pong(&mut out, nonce),
+                _ => {}
+            }
+            Ok(())
+        })?;
+        if n > 0 {
+            mine.fetch_add(n, Ordering::Relaxed);
+            shared.messages.fetch_add(n, Ordering::Relaxed);
+        }
+        let read = tokio::select! {
+            () = shared.stop.cancelled() => return Ok(()),
+            read = exchange(&mut stream, &mut out, &mut written, &mut inbuf, chunk) => read,
+        };
+        match read {
+            Ok(0) => bail!("the server closed the connection"),
+            Ok(_) => {}
+            Err(e) => return Err(e).context("reading from the server failed"),
+        }
+    }
+}
