@@ -886,6 +886,32 @@ where
                 }
                 continue;
             }
+            // Messages, most of the traffic, take the frame by value instead of parsing a
+            // second reference to it.
+            if let Some(kind) = wire::message_kind(raw)
+                && !self.waits(batch)
+            {
+                let frame = held.take().expect("held frame");
+                let body = match wire::into_message_body(frame, kind) {
+                    Ok(body) => body,
+                    Err(e) => return DisconnectReason::Protocol(e.to_string()),
+                };
+                if body.len() > self.max_body {
+                    let e = crate::protocol::FrameError::TooLarge {
+                        len: body.len(),
+                        max: self.max_body,
+                    };
+                    return DisconnectReason::Protocol(e.to_string());
+                }
+                let len = body.len();
+                self.accept(
+                    held,
+                    (self.on_message)(Message::from_wire(kind, body)),
+                    len,
+                    batch,
+                );
+                continue;
+            }
             let parsed = wire::parse(raw);
             if let Ok(
                 Frame::Message { body, .. }

@@ -623,6 +623,26 @@ pub fn parse(payload: &Bytes) -> Result<Frame, ParseError> {
     Ok(frame)
 }
 
+/// The kind of a text or binary message frame; `None` for every other frame.
+pub fn message_kind(payload: &[u8]) -> Option<Kind> {
+    match payload.first() {
+        Some(&frame_type::TEXT) => Some(Kind::Text),
+        Some(&frame_type::BINARY) => Some(Kind::Binary),
+        _ => None,
+    }
+}
+
+/// The body of a message frame of `kind` (see [`message_kind`]), taking the frame by value:
+/// the same as [`parse`] gives, without a second reference to the frame's buffer (two
+/// atomic operations per message, which show at millions of messages a second).
+pub fn into_message_body(mut payload: Bytes, kind: Kind) -> Result<Bytes, ParseError> {
+    bytes::Buf::advance(&mut payload, 1);
+    if kind == Kind::Text && std::str::from_utf8(&payload).is_err() {
+        return Err(ParseError::NotUtf8("text body"));
+    }
+    Ok(payload)
+}
+
 /// The body from `start` to the end, checked for UTF-8 when it is text.
 fn body(payload: &Bytes, start: usize, kind: Kind) -> Result<Bytes, ParseError> {
     let body = payload.slice(start..);
