@@ -64,6 +64,8 @@ async fn main() -> sockframe::Result<()> {
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
                     eprintln!("reconnecting in {delay:.1?} (attempt {attempt})");
                 }
+                // File offers arrive only with `ClientConfig::transfer.save_dir` set.
+                Some(_) => {}
                 None => break, // reconnecting gave up: close() says why
             },
         }

@@ -51,6 +51,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             ServerEvent::Disconnected { client, reason } => println!("{client} left: {reason}"),
+            // File offers arrive only with `ServerConfig::transfer.save_dir` set.
+            _ => {}
         }
     }
     Ok(())

@@ -330,6 +330,8 @@ pub(crate) enum Outgoing {
         id: u64,
         result: crate::request::Answer,
     },
+    /// A file transfer frame (sockframe protocol only).
+    Transfer(crate::protocol::transfer::TransferFrame),
 }
 
 impl Weigh for Outgoing {
@@ -341,6 +343,7 @@ impl Weigh for Outgoing {
                 result: Err((_, t)),
                 ..
             } => t.len(),
+            Outgoing::Transfer(frame) => frame.weight(),
         }
     }
 }
@@ -470,6 +473,8 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) frame_timeout: Option<Duration>,
     /// Inbound message rate limit.
     pub(crate) rate_limit: Option<RateLimit>,
+    /// Where file transfer frames go (sockframe mode); `None` makes them a protocol error.
+    pub(crate) transfers: Option<&'a crate::transfer::Inbox>,
 }
 
 /// How a connection run by `drive` ended.
@@ -523,6 +528,7 @@ where
         control: &control,
         traffic: d.traffic,
         liveness: &liveness,
+        transfers: d.transfers,
     };
 
     // Events read but not yet handed over; outside the read future so that dropping that
@@ -709,6 +715,7 @@ struct Inbound<'a, E, M, R> {
     control: &'a mpsc::Sender<Frame>,
     traffic: &'a Traffic,
     liveness: &'a Liveness,
+    transfers: Option<&'a crate::transfer::Inbox>,
 }
 
 impl<E, M, R> Inbound<'_, E, M, R>
@@ -832,6 +839,27 @@ where
                 }
                 Ok(Frame::Close { code, text }) => {
                     return DisconnectReason::from_close(code, &text);
+                }
+                Ok(Frame::Transfer(frame)) => {
+                    // Events read before a transfer frame are handed over first, so that an
+                    // offer is never reported before a message sent ahead of it.
+                    self.flush(batch).await;
+                    let Some(inbox) = self.transfers else {
+                        return DisconnectReason::Protocol(
+                            "file transfer frame on a connection without file transfer".into(),
+                        );
+                    };
+                    // Waiting here pauses reading: a receiver whose disk is behind slows
+                    // the sender through TCP instead of buffering.
+                    let Ok(slot) = inbox.reserve().await else {
+                        return DisconnectReason::Closed;
+                    };
+                    held.take();
+                    // Application frames: counted as traffic, and they keep a connection
+                    // from going idle.
+                    self.traffic.add_in(frame.weight());
+                    self.liveness.message();
+                    slot.send(crate::transfer::Input::Frame(frame));
                 }
                 Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
                     return DisconnectReason::Protocol(
@@ -1038,6 +1066,17 @@ fn push<W: AsyncWrite + Unpin>(
         ),
         (Mode::Sockframe, Outgoing::Response { id, result: Err(e) }) => {
             writer.push(wire::encode(&Frame::Response { id, result: Err(e) }))
+        }
+        (
+            Mode::Sockframe,
+            Outgoing::Transfer(crate::protocol::transfer::TransferFrame::Chunk {
+                id,
+                offset,
+                data,
+            }),
+        ) => writer.push_parts(&crate::protocol::transfer::chunk_head(id, offset), data),
+        (Mode::Sockframe, Outgoing::Transfer(frame)) => {
+            writer.push(crate::protocol::transfer::encode(&frame))
         }
     };
     match res {

@@ -15,6 +15,8 @@
 //!   send / broadcast / disconnect, graceful shutdown.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
+//! - [`transfer`]: file transfer in both directions: chunked with a bounded window,
+//!   BLAKE3-verified, resumable, interleaved with messages.
 //! - `tls` (feature `tls`, on by default): rustls configurations, PEM loading, reloading,
 //!   and throw-away certificates for tests and first steps.
 //! - [`Message`] (text, binary or untyped), [`Request`] (an incoming request and its
@@ -72,6 +74,7 @@ mod request;
 pub mod server;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod transfer;
 
 pub use connection::{Heartbeat, Mode, RateAction, RateLimit};
 pub use error::Error;

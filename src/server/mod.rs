@@ -80,6 +80,41 @@ pub enum ServerEvent {
         /// Why.
         reason: DisconnectReason,
     },
+    /// A client offers a file (only with [`TransferConfig::save_dir`](crate::transfer::TransferConfig::save_dir)
+    /// set, and once the name, size and existing files have been checked): accept or reject
+    /// it through the [`FileOffer`](crate::transfer::FileOffer).
+    FileOffer {
+        /// The sender.
+        client: ClientId,
+        /// The offer.
+        offer: crate::transfer::FileOffer,
+    },
+    /// A file from a client was received, verified and put in place.
+    FileReceived {
+        /// The sender.
+        client: ClientId,
+        /// The file.
+        file: crate::transfer::ReceivedFile,
+    },
+    /// An accepted file from a client was not received.
+    FileFailed {
+        /// The sender.
+        client: ClientId,
+        /// The file and why.
+        failure: crate::transfer::FileFailure,
+    },
+}
+
+impl ServerEvent {
+    /// A transfer engine's event, as a server event of `client`.
+    fn transfer(client: ClientId, event: crate::transfer::TransferEvent) -> Self {
+        use crate::transfer::TransferEvent;
+        match event {
+            TransferEvent::Offer(offer) => ServerEvent::FileOffer { client, offer },
+            TransferEvent::Received(file) => ServerEvent::FileReceived { client, file },
+            TransferEvent::Failed(failure) => ServerEvent::FileFailed { client, failure },
+        }
+    }
 }
 
 /// The stream of [`ServerEvent`]s. It ends (`recv` returns `None`) after a shutdown, once
@@ -135,6 +170,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Tracks the accept loop and every connection task.
     tasks: TaskTracker,
+    /// The file transfer engine of each connected sockframe client.
+    transfers: std::sync::Mutex<std::collections::HashMap<ClientId, crate::transfer::Transfers>>,
+    /// One receive per file content at a time, across connections.
+    transfer_locks: Arc<crate::transfer::Locks>,
 }
 
 impl Server {
@@ -160,6 +199,8 @@ impl Server {
             registry: Arc::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            transfers: Default::default(),
+            transfer_locks: Default::default(),
         });
         inner
             .tasks
@@ -256,6 +297,36 @@ impl Server {
         let waited = join_all(waiting.iter().map(|h| h.outbox.send(msg.clone()))).await;
         delivered += waited.iter().filter(|r| r.is_ok()).count();
         Ok(delivered)
+    }
+
+    /// Sends the file at `path` to a sockframe client: hashes it (BLAKE3), offers it, and
+    /// streams it once accepted, interleaved with other messages. Returns once offered; the
+    /// handle's [`finish`](crate::transfer::TransferHandle::finish) resolves when the client
+    /// has verified it. Fails with [`Error::NotSupported`] for a tutorial client and
+    /// [`Error::File`] when the file cannot be read.
+    ///
+    /// The transfer fails if the client disconnects; sending the same file again after it
+    /// reconnects resumes from what it already has on disk.
+    pub async fn send_file(
+        &self,
+        client: ClientId,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::transfer::TransferHandle> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        let transfers = self
+            .inner
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned();
+        match transfers {
+            Some(transfers) => transfers.send_file(path.as_ref()).await,
+            None if self.inner.registry.get(client).is_some() => Err(Error::NotSupported),
+            None => Err(Error::UnknownClient(client)),
+        }
     }
 
     /// Disconnects a client with reason `kicked`, after delivering what is already queued for
@@ -554,6 +625,30 @@ async fn serve_stream<S>(
             return;
         }
     }
+    let transfers = (mode == Mode::Sockframe).then(|| {
+        let events = events.clone();
+        let emit: crate::transfer::Emit = Arc::new(move |event| {
+            let events = events.clone();
+            Box::pin(async move {
+                let _ = events
+                    .send(vec![ServerEvent::transfer(client, event)])
+                    .await;
+            })
+        });
+        let transfers = crate::transfer::Transfers::new(
+            config.transfer.clone(),
+            outbox_tx.clone(),
+            emit,
+            inner.transfer_locks.clone(),
+            config.max_frame,
+        );
+        inner
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, transfers.clone());
+        transfers
+    });
     tracing::debug!(%client, %addr, ?mode, "connected");
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
 
@@ -582,12 +677,21 @@ async fn serve_stream<S>(
                     idle_timeout: config.idle_timeout,
                     frame_timeout: config.frame_timeout,
                     rate_limit: config.rate_limit,
+                    transfers: transfers.as_ref().map(|t| t.inbox()),
                 },
             )
             .await
             .reason
         }
     };
+    if let Some(transfers) = transfers {
+        inner
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&client);
+        transfers.close();
+    }
     handle.pending.fail_all();
     // Fail sends still waiting for room in this client's queue now: an application blocked
     // in such a send may be the one that must read the event below.

@@ -1,0 +1,812 @@
+//! File transfer over real loopback connections: round trips (1 GiB with flat memory),
+//! resume after a cut, hostile names and a corrupting peer spoken to in raw frames, many
+//! clients at once, messages during a transfer, server → client, refusals, and the CLI.
+//!
+//! Files live in per-test directories under the system temp dir, removed when the test
+//! ends (also when it fails). Every wait is bounded by [`WAIT`].
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sockframe::client::{Client, ClientConfig, ClientEvent};
+use sockframe::protocol::message::{self as wire, Frame, Hello};
+use sockframe::protocol::transfer::{self, TransferFrame, refuse_code};
+use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
+use sockframe::transfer::{Digest, TransferConfig};
+use sockframe::{Error, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use support::{WAIT, frame, rss_bytes, start_server_with};
+
+/// A directory removed with everything in it when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sockframe-transfer-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn sub(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// Names of the entries of `dir`, sorted.
+    fn list(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `size` bytes of pseudo-random data (different for each `seed`) to `path`, one
+/// MiB at a time, and returns the BLAKE3 digest.
+fn generate(path: &Path, size: u64, seed: u64) -> Digest {
+    use std::io::Write;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in block.chunks_mut(8) {
+        // xorshift64: fast and good enough to make every block differ.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+    }
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut hasher = blake3::Hasher::new();
+    let mut left = size;
+    let mut n = 0u64;
+    while left > 0 {
+        block[..8].copy_from_slice(&n.to_le_bytes());
+        let len = left.min(block.len() as u64) as usize;
+        file.write_all(&block[..len]).unwrap();
+        hasher.update(&block[..len]);
+        left -= len as u64;
+        n += 1;
+    }
+    file.flush().unwrap();
+    Digest(*hasher.finalize().as_bytes())
+}
+
+fn server_config(save_dir: Option<&Path>) -> ServerConfig {
+    let mut config = support::config();
+    config.transfer.save_dir = save_dir.map(Path::to_owned);
+    config
+}
+
+fn client_config(server: &Server) -> ClientConfig {
+    ClientConfig::new(server.local_addr().to_string())
+}
+
+/// The application of a receiving server: accepts every offer (or rejects those whose name
+/// starts with `reject`) and forwards every event, offers included, to the test.
+fn accept_all(mut events: ServerEvents) -> mpsc::UnboundedReceiver<ServerEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let event = match event {
+                ServerEvent::FileOffer { client, offer } => {
+                    let copy = format!("{} {} {}", offer.name(), offer.size(), offer.resume_from());
+                    if offer.name().starts_with("reject") {
+                        offer.reject("not that one");
+                    } else {
+                        offer.accept();
+                    }
+                    ServerEvent::Message {
+                        client,
+                        message: Message::text(format!("offer {copy}")),
+                    }
+                }
+                other => other,
+            };
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next event matching `pred`, skipping others; fails after [`WAIT`].
+async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<ServerEvent>,
+    mut pred: impl FnMut(&ServerEvent) -> bool,
+) -> ServerEvent {
+    timeout(WAIT, async {
+        loop {
+            let event = rx.recv().await.expect("event stream ended");
+            if pred(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a server event")
+}
+
+fn is_received(event: &ServerEvent) -> bool {
+    matches!(event, ServerEvent::FileReceived { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_round_trip_keeps_memory_flat() {
+    let dir = TempDir::new("gib");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let size = 1u64 << 30;
+    let digest = generate(&src.join("big.bin"), size, 1);
+
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let client = Client::connect(client_config(&server)).await.unwrap();
+
+    let before = rss_bytes();
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let handle = client.send_file(src.join("big.bin")).await.unwrap();
+    let receipt = timeout(Duration::from_secs(120), handle.finish())
+        .await
+        .expect("1 GiB within two minutes")
+        .unwrap();
+    let elapsed = started.elapsed();
+    sampler.abort();
+    let growth = peak.load(Ordering::Relaxed).max(rss_bytes()) - before;
+    eprintln!(
+        "1 GiB in {elapsed:?} ({:.0} MB/s, hashing included); RSS growth {} MiB",
+        size as f64 / elapsed.as_secs_f64() / 1e6,
+        growth >> 20
+    );
+    assert_eq!(receipt.digest, digest);
+    assert_eq!(receipt.size, size);
+    let ServerEvent::FileReceived { file, .. } = wait_for(&mut events, is_received).await else {
+        unreachable!()
+    };
+    assert_eq!(file.path, save.join("big.bin"));
+    assert_eq!(file.digest, digest);
+    // Read back independently of the library.
+    let on_disk = tokio::task::spawn_blocking(move || Digest::of_file(&file.path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(on_disk, digest);
+    assert_eq!(TempDir::list(&save), ["big.bin"]);
+    assert!(
+        growth < 64 << 20,
+        "resident memory grew by {} MiB",
+        growth >> 20
+    );
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_resumes_after_the_connection_is_cut_halfway() {
+    let dir = TempDir::new("resume");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let size = 128u64 << 20;
+    let digest = generate(&src.join("half.bin"), size, 2);
+
+    let mut config = server_config(Some(&save));
+    // Small chunks and window: slower, so the cut lands near the middle.
+    config.transfer.chunk_size = 32 << 10;
+    config.transfer.window = 2;
+    let (server, events) = start_server_with(config).await;
+    let mut events = accept_all(events);
+    let mut cc = client_config(&server);
+    cc.reconnect = true;
+    cc.reconnect_backoff.initial = Duration::from_millis(10);
+    cc.transfer.chunk_size = 32 << 10;
+    cc.transfer.window = 2;
+    let client = Client::connect(cc).await.unwrap();
+    let first = server.clients()[0].id;
+
+    let handle = client.send_file(src.join("half.bin")).await.unwrap();
+    let progress = handle.progress_reader();
+    timeout(WAIT, async {
+        while progress().confirmed < size / 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("half of the file within the wait");
+    let cut_at = progress().confirmed;
+    assert!(cut_at < size, "finished before the cut");
+    assert!(server.disconnect(first));
+
+    let receipt = timeout(WAIT, handle.finish()).await.unwrap().unwrap();
+    assert_eq!(receipt.digest, digest);
+    assert!(receipt.attempts >= 2, "{receipt:?}");
+    assert!(
+        receipt.resumed_from >= size / 4,
+        "resumed from {} after a cut at {cut_at}",
+        receipt.resumed_from
+    );
+    // The first connection's receive reports the loss; the second one completes.
+    let failed = wait_for(&mut events, |e| matches!(e, ServerEvent::FileFailed { .. })).await;
+    let ServerEvent::FileFailed { failure, .. } = failed else {
+        unreachable!()
+    };
+    assert!(failure.resumable, "{failure:?}");
+    let ServerEvent::FileReceived {
+        file,
+        client: second,
+    } = wait_for(&mut events, is_received).await
+    else {
+        unreachable!()
+    };
+    assert_ne!(second, first);
+    assert_eq!(file.resumed_from, receipt.resumed_from);
+    let path = file.path.clone();
+    let on_disk = tokio::task::spawn_blocking(move || Digest::of_file(&path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(on_disk, digest);
+    assert_eq!(TempDir::list(&save), ["half.bin"]);
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+/// A sockframe peer speaking raw frames, built with the library's pure encoders.
+struct RawPeer {
+    stream: TcpStream,
+}
+
+impl RawPeer {
+    async fn connect(server: &Server) -> RawPeer {
+        let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+        stream
+            .write_all(&frame(&wire::encode_hello(&Hello::new(
+                "raw",
+                Bytes::new(),
+            ))))
+            .await
+            .unwrap();
+        let mut peer = RawPeer { stream };
+        assert!(matches!(peer.next().await, Frame::Welcome(_)));
+        peer
+    }
+
+    async fn send(&mut self, frame_: TransferFrame) {
+        let payload = transfer::encode(&frame_);
+        self.stream.write_all(&frame(&payload)).await.unwrap();
+    }
+
+    /// The next frame that is not a ping.
+    async fn next(&mut self) -> Frame {
+        timeout(WAIT, async {
+            loop {
+                let mut header = [0u8; 4];
+                self.stream.read_exact(&mut header).await.unwrap();
+                let mut payload = vec![0u8; u32::from_le_bytes(header) as usize];
+                self.stream.read_exact(&mut payload).await.unwrap();
+                match wire::parse(&Bytes::from(payload)).unwrap() {
+                    Frame::Ping(_) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for a frame")
+    }
+
+    async fn next_transfer(&mut self) -> TransferFrame {
+        match self.next().await {
+            Frame::Transfer(t) => t,
+            other => panic!("expected a transfer frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_names_are_refused_and_never_write_outside_the_save_dir() {
+    let dir = TempDir::new("names");
+    let save = dir.sub("a/b/save");
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let mut peer = RawPeer::connect(&server).await;
+    let hostile = [
+        "../../x",
+        "../x",
+        "/etc/passwd",
+        "/tmp/x",
+        "C:\\x",
+        "C:x",
+        "a/b",
+        "a\\b",
+        "..",
+        ".",
+        "",
+        "x\0y",
+        "x\ny",
+        "CON.txt",
+        "nul",
+        "LPT1",
+        ".sockframe-0.part",
+    ];
+    for (i, name) in hostile.iter().enumerate() {
+        let id = i as u64 + 1;
+        peer.send(TransferFrame::Offer {
+            id,
+            size: 3,
+            digest: Digest::of(b"abc").0,
+            name: name.to_string(),
+        })
+        .await;
+        match peer.next_transfer().await {
+            TransferFrame::Refuse { id: got, code, .. } => {
+                assert_eq!((got, code), (id, refuse_code::BAD_NAME), "{name:?}");
+            }
+            other => panic!("{name:?}: expected a refusal, got {other:?}"),
+        }
+        // Chunks and a DONE for the refused offer are ignored, not written anywhere.
+        peer.send(TransferFrame::Chunk {
+            id,
+            offset: 0,
+            data: Bytes::from_static(b"abc"),
+        })
+        .await;
+        peer.send(TransferFrame::Done { id }).await;
+    }
+    // The connection is still fine: a good name goes through.
+    peer.send(TransferFrame::Offer {
+        id: 100,
+        size: 3,
+        digest: Digest::of(b"abc").0,
+        name: "fine.txt".into(),
+    })
+    .await;
+    assert_eq!(
+        peer.next_transfer().await,
+        TransferFrame::Accept { id: 100, offset: 0 }
+    );
+    peer.send(TransferFrame::Chunk {
+        id: 100,
+        offset: 0,
+        data: Bytes::from_static(b"abc"),
+    })
+    .await;
+    peer.send(TransferFrame::Done { id: 100 }).await;
+    loop {
+        match peer.next_transfer().await {
+            TransferFrame::Progress { .. } => continue,
+            other => {
+                assert_eq!(
+                    other,
+                    TransferFrame::Result {
+                        id: 100,
+                        result: Ok(())
+                    }
+                );
+                break;
+            }
+        }
+    }
+    wait_for(&mut events, is_received).await;
+    assert_eq!(TempDir::list(&save), ["fine.txt"]);
+    // Nothing anywhere else in the tree above the save directory.
+    assert_eq!(TempDir::list(dir.path()), ["a"]);
+    assert_eq!(TempDir::list(&dir.path().join("a")), ["b"]);
+    assert_eq!(TempDir::list(&dir.path().join("a/b")), ["save"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_fails_the_digest_and_leaves_nothing() {
+    let dir = TempDir::new("corrupt");
+    let save = dir.sub("save");
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let mut peer = RawPeer::connect(&server).await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    peer.send(TransferFrame::Offer {
+        id: 7,
+        size: data.len() as u64,
+        digest: Digest::of(&data).0,
+        name: "good.bin".into(),
+    })
+    .await;
+    assert_eq!(
+        peer.next_transfer().await,
+        TransferFrame::Accept { id: 7, offset: 0 }
+    );
+    for (i, chunk) in data.chunks(100_000).enumerate() {
+        let mut chunk = chunk.to_vec();
+        if i == 1 {
+            chunk[500] ^= 0x01; // one flipped bit in the middle chunk
+        }
+        peer.send(TransferFrame::Chunk {
+            id: 7,
+            offset: i as u64 * 100_000,
+            data: chunk.into(),
+        })
+        .await;
+    }
+    peer.send(TransferFrame::Done { id: 7 }).await;
+    let result = loop {
+        match peer.next_transfer().await {
+            TransferFrame::Progress { .. } => continue,
+            other => break other,
+        }
+    };
+    match result {
+        TransferFrame::Result {
+            id: 7,
+            result: Err(text),
+        } => assert!(text.contains("digest mismatch"), "{text}"),
+        other => panic!("expected an error result, got {other:?}"),
+    }
+    let failed = wait_for(&mut events, |e| matches!(e, ServerEvent::FileFailed { .. })).await;
+    let ServerEvent::FileFailed { failure, .. } = failed else {
+        unreachable!()
+    };
+    assert!(failure.reason.contains("digest mismatch"));
+    assert!(!failure.resumable);
+    // Neither the final name nor a partial file.
+    assert!(
+        TempDir::list(&save).is_empty(),
+        "{:?}",
+        TempDir::list(&save)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clients_send_at_once() {
+    let dir = TempDir::new("ten");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let mut tasks = Vec::new();
+    for i in 0..10u64 {
+        let path = src.join(format!("file-{i}.bin"));
+        let digest = generate(&path, (4 << 20) + i * 1000, 100 + i);
+        let config = client_config(&server);
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(config).await.unwrap();
+            let receipt = client.send_file(&path).await.unwrap().finish().await;
+            client.close().await.unwrap();
+            (receipt.unwrap(), digest)
+        }));
+    }
+    for task in tasks {
+        let (receipt, digest) = timeout(WAIT, task).await.unwrap().unwrap();
+        assert_eq!(receipt.digest, digest);
+    }
+    for _ in 0..10 {
+        wait_for(&mut events, is_received).await;
+    }
+    for i in 0..10u64 {
+        let name = format!("file-{i}.bin");
+        assert_eq!(
+            Digest::of_file(&save.join(&name)).unwrap(),
+            Digest::of_file(&src.join(&name)).unwrap()
+        );
+    }
+    assert_eq!(TempDir::list(&save).len(), 10);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_during_a_large_transfer_arrives_before_it_ends() {
+    let dir = TempDir::new("interleave");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let size = 256u64 << 20;
+    generate(&src.join("large.bin"), size, 3);
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let client = Client::connect(client_config(&server)).await.unwrap();
+    let handle = client.send_file(src.join("large.bin")).await.unwrap();
+    let progress = handle.progress_reader();
+    timeout(WAIT, async {
+        while progress().confirmed == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let sent_at = Instant::now();
+    let confirmed_then = progress().confirmed;
+    client.send("chat during the transfer").await.unwrap();
+    let event = wait_for(&mut events, |e| {
+        is_received(e)
+            || matches!(e, ServerEvent::Message { message, .. } if message.as_text() == Some("chat during the transfer"))
+    })
+    .await;
+    let latency = sent_at.elapsed();
+    let confirmed_on_arrival = progress().confirmed;
+    assert!(
+        matches!(event, ServerEvent::Message { .. }),
+        "the file finished before the message: {event:?}"
+    );
+    assert!(
+        confirmed_on_arrival < size,
+        "the message arrived only at the end of the file"
+    );
+    eprintln!(
+        "message latency during the transfer: {latency:?} (file at {} → {} MiB of 256)",
+        confirmed_then >> 20,
+        confirmed_on_arrival >> 20
+    );
+    timeout(WAIT, handle.finish()).await.unwrap().unwrap();
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_server_pushes_a_file_to_a_client() {
+    let dir = TempDir::new("push");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let digest = generate(&src.join("pushed.bin"), 3 << 20, 4);
+    let (server, mut events) = start_server_with(server_config(None)).await;
+    let mut config = client_config(&server);
+    config.transfer = TransferConfig::receive_into(&save);
+    let mut client = Client::connect(config).await.unwrap();
+    let id = support::next_connected(&mut events).await;
+    let handle = server.send_file(id, src.join("pushed.bin")).await.unwrap();
+    let received = timeout(WAIT, async {
+        loop {
+            match client.recv().await.expect("client events") {
+                ClientEvent::FileOffer(offer) => {
+                    assert_eq!((offer.name(), offer.size()), ("pushed.bin", 3 << 20));
+                    assert_eq!(offer.digest(), digest);
+                    offer.accept();
+                }
+                ClientEvent::FileReceived(file) => return file,
+                ClientEvent::FileFailed(f) => panic!("{f:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(received.digest, digest);
+    assert_eq!(Digest::of_file(&save.join("pushed.bin")).unwrap(), digest);
+    let receipt = timeout(WAIT, handle.finish()).await.unwrap().unwrap();
+    assert_eq!(receipt.digest, digest);
+    // A tutorial client cannot receive files; an unknown one is an error too.
+    assert!(matches!(
+        server
+            .send_file(ClientId(999), src.join("pushed.bin"))
+            .await,
+        Err(Error::UnknownClient(_))
+    ));
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_reach_the_sender() {
+    let dir = TempDir::new("refuse");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    generate(&src.join("reject-me.bin"), 1000, 5);
+    generate(&src.join("exists.txt"), 1000, 6);
+    generate(&src.join("huge.bin"), 5000, 7);
+    std::fs::write(save.join("exists.txt"), b"keep me").unwrap();
+
+    // No save directory: refused without the application being asked.
+    let (plain, mut plain_events) = start_server_with(server_config(None)).await;
+    let client = Client::connect(client_config(&plain)).await.unwrap();
+    let refused = client
+        .send_file(src.join("exists.txt"))
+        .await
+        .unwrap()
+        .finish()
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Refused {
+                code: refuse_code::NOT_ACCEPTING,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    client.close().await.unwrap();
+    plain.shutdown().await;
+    while let Some(event) = plain_events.recv().await {
+        assert!(!matches!(event, ServerEvent::FileOffer { .. }), "{event:?}");
+    }
+
+    let mut config = server_config(Some(&save));
+    config.transfer.max_file_size = 4096;
+    let (server, events) = start_server_with(config).await;
+    let _events = accept_all(events);
+    let client = Client::connect(client_config(&server)).await.unwrap();
+    let send = |name: &str| {
+        let path = src.join(name);
+        let client = &client;
+        async move { client.send_file(path).await.unwrap().finish().await }
+    };
+    match send("reject-me.bin").await {
+        Err(Error::Refused { code, text }) => {
+            assert_eq!(
+                (code, text.as_str()),
+                (refuse_code::REJECTED, "not that one")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        send("exists.txt").await,
+        Err(Error::Refused {
+            code: refuse_code::EXISTS,
+            ..
+        })
+    ));
+    assert_eq!(std::fs::read(save.join("exists.txt")).unwrap(), b"keep me");
+    assert!(matches!(
+        send("huge.bin").await,
+        Err(Error::Refused {
+            code: refuse_code::TOO_LARGE,
+            ..
+        })
+    ));
+    // Unreadable and unsafe local files fail before anything is offered.
+    assert!(matches!(
+        client.send_file(src.join("missing")).await,
+        Err(Error::File { .. })
+    ));
+    assert_eq!(TempDir::list(&save), ["exists.txt"]);
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_offer_of_an_existing_file_is_replaced_only_when_configured() {
+    let dir = TempDir::new("overwrite");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let digest = generate(&src.join("same.txt"), 10_000, 8);
+    std::fs::write(save.join("same.txt"), b"old").unwrap();
+    let mut config = server_config(Some(&save));
+    config.transfer.overwrite = true;
+    let (server, events) = start_server_with(config).await;
+    let _events = accept_all(events);
+    let client = Client::connect(client_config(&server)).await.unwrap();
+    let receipt = client
+        .send_file(src.join("same.txt"))
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .unwrap();
+    assert_eq!(receipt.digest, digest);
+    assert_eq!(Digest::of_file(&save.join("same.txt")).unwrap(), digest);
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+/// The real binary: `serve --save-dir` and `send-file`, with the exit code.
+#[test]
+fn cli_send_file_end_to_end() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Kills and reaps the child when dropped, also when the test panics.
+    struct Proc(std::process::Child);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let dir = TempDir::new("cli");
+    let (src, save) = (dir.sub("src"), dir.path().join("save"));
+    let d1 = generate(&src.join("one.bin"), 3 << 20, 9);
+    let d2 = generate(&src.join("two words.txt"), 12345, 10);
+    let bin = env!("CARGO_BIN_EXE_sockframe");
+    let mut serve = Proc(
+        Command::new(bin)
+            .args(["serve", "--bind", "127.0.0.1:0", "--save-dir"])
+            .arg(&save)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
+    for (is_out, stream) in [
+        (
+            true,
+            Box::new(serve.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (false, Box::new(serve.0.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((is_out, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + WAIT;
+    let wait_line = |want_out: bool, pred: &dyn Fn(&str) -> bool| -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (is_out, line) = rx.recv_timeout(left).expect("serve output within the wait");
+            if is_out == want_out && pred(&line) {
+                return line;
+            }
+        }
+    };
+    let listening = wait_line(false, &|l| l.starts_with("listening on "));
+    let addr = listening.trim_start_matches("listening on ").to_string();
+
+    let out = Command::new(bin)
+        .args(["send-file", &addr])
+        .arg(src.join("one.bin"))
+        .arg(src.join("two words.txt"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains(&format!("sent one.bin {} {d1}", 3 << 20)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("sent two words.txt 12345 {d2}")),
+        "{stdout}"
+    );
+    let line = wait_line(true, &|l| l.starts_with("file ") && l.contains("one.bin"));
+    assert!(
+        line.ends_with(&format!("one.bin {} {d1}", 3 << 20)),
+        "{line}"
+    );
+    assert_eq!(Digest::of_file(&save.join("one.bin")).unwrap(), d1);
+    assert_eq!(Digest::of_file(&save.join("two words.txt")).unwrap(), d2);
+
+    // Sending again: the files exist, the server refuses, the exit code says so.
+    let out = Command::new(bin)
+        .args(["send-file", "--quiet", &addr])
+        .arg(src.join("one.bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    drop(serve);
+}
