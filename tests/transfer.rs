@@ -810,3 +810,113 @@ fn cli_send_file_end_to_end() {
     assert!(stderr.contains("already exists"), "{stderr}");
     drop(serve);
 }
+
+/// A TCP proxy to `target` that cuts its first connection (both directions, at once) after
+/// `cut_after` bytes from the client; later connections are forwarded untouched.
+async fn cutting_proxy(target: std::net::SocketAddr, cut_after: u64) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let limit = if first { cut_after } else { u64::MAX };
+            first = false;
+            tokio::spawn(async move {
+                let (mut ci, mut co) = inbound.into_split();
+                let (mut si, mut so) = outbound.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut passed = 0u64;
+                    loop {
+                        let n = match ci.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if passed + n as u64 >= limit {
+                            return; // the cut: both sockets are dropped below
+                        }
+                        passed += n as u64;
+                        if so.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut si, &mut co);
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_resumes_after_an_abrupt_cut_in_the_network() {
+    let dir = TempDir::new("proxy");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let size = 32u64 << 20;
+    let digest = generate(&src.join("cut.bin"), size, 11);
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let proxy = cutting_proxy(server.local_addr(), size / 2).await;
+    let mut config = ClientConfig::new(proxy.to_string());
+    config.reconnect = true;
+    config.reconnect_backoff.initial = Duration::from_millis(10);
+    let client = Client::connect(config).await.unwrap();
+    let handle = client.send_file(src.join("cut.bin")).await.unwrap();
+    let receipt = timeout(WAIT, handle.finish()).await.unwrap().unwrap();
+    assert_eq!(receipt.digest, digest);
+    assert!(receipt.attempts >= 2, "{receipt:?}");
+    assert!(receipt.resumed_from > 0, "{receipt:?}");
+    assert!(receipt.resumed_from <= size / 2, "{receipt:?}");
+    wait_for(&mut events, is_received).await;
+    assert_eq!(Digest::of_file(&save.join("cut.bin")).unwrap(), digest);
+    assert_eq!(TempDir::list(&save), ["cut.bin"]);
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
+
+/// What a sender that crashed leaves behind is a partial file named after the digest; a
+/// new run offering the same file (any connection, any name) goes on from there.
+#[tokio::test]
+async fn a_new_offer_resumes_from_a_partial_file_left_behind() {
+    let dir = TempDir::new("rerun");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let size = 5u64 << 20;
+    let digest = generate(&src.join("again.bin"), size, 12);
+    let data = std::fs::read(src.join("again.bin")).unwrap();
+    let part = save.join(format!(".sockframe-{digest}.part"));
+    std::fs::write(&part, &data[..3 << 20]).unwrap();
+
+    let (server, events) = start_server_with(server_config(Some(&save))).await;
+    let mut events = accept_all(events);
+    let client = Client::connect(client_config(&server)).await.unwrap();
+    let receipt = client
+        .send_file(src.join("again.bin"))
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .unwrap();
+    assert_eq!(receipt.resumed_from, 3 << 20);
+    assert_eq!(receipt.attempts, 1);
+    // The application was told how much was there already.
+    let offer = wait_for(&mut events, |e| matches!(e, ServerEvent::Message { .. })).await;
+    let ServerEvent::Message { message, .. } = offer else {
+        unreachable!()
+    };
+    assert_eq!(
+        message.as_text(),
+        Some(&*format!("offer again.bin {size} {}", 3 << 20))
+    );
+    wait_for(&mut events, is_received).await;
+    assert_eq!(std::fs::read(save.join("again.bin")).unwrap(), data);
+    assert!(!part.exists());
+    client.close().await.unwrap();
+    server.shutdown().await;
+}
