@@ -2,7 +2,7 @@
 //! connection while a large file is in flight (head-of-line blocking would show here).
 //!
 //! ```sh
-//! cargo run --release --example transfer_latency -- [SIZE_MIB] [INTERVAL_MS]
+//! cargo run --release --example transfer_latency -- [SIZE_MIB] [INTERVAL_MS] [CHUNK_KIB] [WINDOW]
 //! ```
 //!
 //! One process, loopback: a server receiving into a temporary directory, one client that
@@ -23,6 +23,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let size_mib: u64 = args.next().map_or(Ok(1024), |a| a.parse())?;
     let interval = Duration::from_millis(args.next().map_or(Ok(10), |a| a.parse())?);
+    let defaults = TransferConfig::default();
+    let chunk_kib: usize = args
+        .next()
+        .map_or(Ok(defaults.chunk_size >> 10), |a| a.parse())?;
+    let window: usize = args.next().map_or(Ok(defaults.window), |a| a.parse())?;
 
     let dir = std::env::temp_dir().join(format!("sockframe-transfer-bench-{}", std::process::id()));
     let save = dir.join("save");
@@ -64,7 +69,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies
     });
 
-    let client = Client::connect(ClientConfig::new(server.local_addr().to_string())).await?;
+    let mut client_config = ClientConfig::new(server.local_addr().to_string());
+    client_config.transfer.chunk_size = chunk_kib << 10;
+    client_config.transfer.window = window;
+    let client = Client::connect(client_config).await?;
     let started = Instant::now();
     let handle = client.send_file(&path).await?;
     let hashed = started.elapsed();
@@ -85,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let latencies = app.await?;
     let bytes = receipt.size as f64;
     println!(
-        "file: {size_mib} MiB in {:.2} s: {:.0} MB/s streamed ({:.2} s hashing first), {:.0} MB/s overall",
+        "file: {size_mib} MiB, chunks of {chunk_kib} KiB, window {window}: in {:.2} s: {:.0} MB/s streamed ({:.2} s hashing first), {:.0} MB/s overall",
         total.as_secs_f64(),
         bytes / (total - hashed).as_secs_f64() / 1e6,
         hashed.as_secs_f64(),

@@ -90,3 +90,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// Compiles the example in docs/transfer.md as a doctest.
+#[doc = include_str!("../docs/transfer.md")]
+#[cfg(doctest)]
+pub struct TransferDocDoctests;

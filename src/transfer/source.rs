@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::Digest;
 
@@ -48,9 +48,17 @@ impl Source {
     /// Reads `len` bytes at `offset`. A file that shrank since it was hashed is an error
     /// (`UnexpectedEof`): what was offered can no longer be sent.
     pub(crate) fn read_at(&mut self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let mut buf = BytesMut::zeroed(len);
+        // `read_to_end` into spare capacity: the buffer is not zeroed first only to be
+        // overwritten again.
+        let mut buf = Vec::with_capacity(len);
         self.file.seek(SeekFrom::Start(offset))?;
-        self.file.read_exact(&mut buf)?;
-        Ok(buf.freeze())
+        (&mut self.file).take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file is shorter than when it was offered",
+            ));
+        }
+        Ok(Bytes::from(buf))
     }
 }
