@@ -920,3 +920,65 @@ async fn a_new_offer_resumes_from_a_partial_file_left_behind() {
     client.close().await.unwrap();
     server.shutdown().await;
 }
+
+/// Several transfers on one connection at once, in both directions: ids of the two
+/// directions never mix, and each file arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_transfers_share_one_connection_both_ways() {
+    let dir = TempDir::new("both");
+    let (src, server_save, client_save) = (dir.sub("src"), dir.sub("ss"), dir.sub("cs"));
+    let mut digests = Vec::new();
+    for i in 0..4u64 {
+        digests.push(generate(
+            &src.join(format!("f{i}.bin")),
+            (2 << 20) + i,
+            20 + i,
+        ));
+    }
+    let (server, mut events) = start_server_with(server_config(Some(&server_save))).await;
+    let mut config = client_config(&server);
+    config.transfer = TransferConfig::receive_into(&client_save);
+    let mut client = Client::connect(config).await.unwrap();
+    let id = support::next_connected(&mut events).await;
+    let mut events = accept_all(events);
+
+    // The server pushes f3 while the client sends f0..f2.
+    let push = server.send_file(id, src.join("f3.bin")).await.unwrap();
+    let mut sends = Vec::new();
+    for i in 0..3 {
+        sends.push(
+            client
+                .send_file(src.join(format!("f{i}.bin")))
+                .await
+                .unwrap(),
+        );
+    }
+    let pushed = timeout(WAIT, async {
+        loop {
+            match client.recv().await.expect("client events") {
+                ClientEvent::FileOffer(offer) => offer.accept(),
+                ClientEvent::FileReceived(file) => return file,
+                ClientEvent::FileFailed(f) => panic!("{f:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(pushed.digest, digests[3]);
+    for (i, send) in sends.into_iter().enumerate() {
+        let receipt = timeout(WAIT, send.finish()).await.unwrap().unwrap();
+        assert_eq!(receipt.digest, digests[i]);
+    }
+    assert_eq!(
+        timeout(WAIT, push.finish()).await.unwrap().unwrap().digest,
+        digests[3]
+    );
+    for _ in 0..3 {
+        wait_for(&mut events, is_received).await;
+    }
+    assert_eq!(TempDir::list(&server_save), ["f0.bin", "f1.bin", "f2.bin"]);
+    assert_eq!(TempDir::list(&client_save), ["f3.bin"]);
+    client.close().await.unwrap();
+    server.shutdown().await;
+}

@@ -236,11 +236,15 @@ impl Client {
         let (outbox_tx, outbox_rx) = outbox(config.outbox);
         let (events_tx, events) = mpsc::channel(config.event_capacity.max(1));
         let transfers = {
-            let events = events_tx.clone();
+            // Weak: the event stream must end when the connection task does, even while
+            // transfer tasks are still winding down; their late events are dropped.
+            let events = events_tx.downgrade();
             let emit: crate::transfer::Emit = Arc::new(move |event| {
-                let events = events.clone();
+                let events = events.upgrade();
                 Box::pin(async move {
-                    let _ = events.send(vec![ClientEvent::from(event)]).await;
+                    if let Some(events) = events {
+                        let _ = events.send(vec![ClientEvent::from(event)]).await;
+                    }
                 })
             });
             crate::transfer::Transfers::new(

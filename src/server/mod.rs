@@ -626,13 +626,17 @@ async fn serve_stream<S>(
         }
     }
     let transfers = (mode == Mode::Sockframe).then(|| {
-        let events = events.clone();
+        // Weak: transfer tasks that outlive the connection must not keep the event stream
+        // open after shutdown; their late events are dropped.
+        let events = events.downgrade();
         let emit: crate::transfer::Emit = Arc::new(move |event| {
-            let events = events.clone();
+            let events = events.upgrade();
             Box::pin(async move {
-                let _ = events
-                    .send(vec![ServerEvent::transfer(client, event)])
-                    .await;
+                if let Some(events) = events {
+                    let _ = events
+                        .send(vec![ServerEvent::transfer(client, event)])
+                        .await;
+                }
             })
         });
         let transfers = crate::transfer::Transfers::new(

@@ -389,10 +389,15 @@ struct Shared {
     state: Mutex<State>,
 }
 
+/// Replies queued for one sending task. An honest receiver has at most a window of
+/// `PROGRESS` frames and a `RESULT` outstanding; beyond this, replies are dropped, so a
+/// flood of them costs nothing (a dropped `PROGRESS` is superseded by the next one).
+const REPLY_CAPACITY: usize = 64;
+
 #[derive(Default)]
 struct State {
     /// Our transfers, by the id of their current offer.
-    outgoing: HashMap<u64, mpsc::UnboundedSender<Reply>>,
+    outgoing: HashMap<u64, mpsc::Sender<Reply>>,
     /// The peer's transfers, by its id.
     incoming: HashMap<u64, Incoming>,
 }
@@ -530,8 +535,10 @@ impl Shared {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let mut state = lock(&self.state);
+        // A sending task whose queue is full (a flooding peer) sees the queue closed instead,
+        // which ends it the same way.
         for (_, tx) in state.outgoing.drain() {
-            let _ = tx.send(Reply::Closed);
+            let _ = tx.try_send(Reply::Closed);
         }
         // Dropping the receive tasks' senders ends them; they keep their partial files.
         state.incoming.clear();
@@ -540,7 +547,7 @@ impl Shared {
     fn reset(&self) {
         let mut state = lock(&self.state);
         for (_, tx) in state.outgoing.drain() {
-            let _ = tx.send(Reply::Restart);
+            let _ = tx.try_send(Reply::Restart);
         }
         state.incoming.clear();
     }
@@ -579,6 +586,11 @@ async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Input>) {
 }
 
 async fn route(shared: &Arc<Shared>, frame: TransferFrame) {
+    if shared.closed.load(Ordering::Acquire) {
+        // Frames still queued when the connection ended: the application has been told
+        // of the disconnect and must hear nothing more of this connection.
+        return;
+    }
     match frame {
         TransferFrame::Offer {
             id,
@@ -607,7 +619,7 @@ async fn route(shared: &Arc<Shared>, frame: TransferFrame) {
         | TransferFrame::Progress { id, .. }
         | TransferFrame::Result { id, .. } => {
             if let Some(tx) = lock(&shared.state).outgoing.get(&id) {
-                let _ = tx.send(Reply::Frame(frame));
+                let _ = tx.try_send(Reply::Frame(frame));
             }
         }
     }
@@ -1006,7 +1018,7 @@ async fn send(shared: Arc<Shared>, state: Arc<SendState>) -> Result<FileReceipt>
     'attempt: loop {
         attempts += 1;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(REPLY_CAPACITY);
         {
             let mut st = lock(&shared.state);
             if shared.closed.load(Ordering::Acquire) {
@@ -1103,7 +1115,8 @@ async fn send(shared: Arc<Shared>, state: Arc<SendState>) -> Result<FileReceipt>
         let chunk = shared.chunk_size();
         let window = (shared.config.window.max(1) * chunk) as u64;
         while sent < state.size {
-            while sent - confirmed >= window {
+            // Saturating: a receiver may claim more than was sent; that only opens the window.
+            while sent.saturating_sub(confirmed) >= window {
                 handle!(next!());
             }
             // Replies that came meanwhile (a restart, a failure) are seen before more is sent.
