@@ -713,66 +713,104 @@ async fn an_offer_of_an_existing_file_is_replaced_only_when_configured() {
     server.shutdown().await;
 }
 
-/// The real binary: `serve --save-dir` and `send-file`, with the exit code.
-#[test]
-fn cli_send_file_end_to_end() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+/// A child process of the real binary, killed and reaped when dropped (also when the test
+/// panics), with its stdout and stderr lines read by threads.
+struct Proc {
+    child: std::process::Child,
+    /// `(true, line)` from stdout, `(false, line)` from stderr.
+    lines: std::sync::mpsc::Receiver<(bool, String)>,
+    /// Every line so far, for failure messages.
+    seen: Vec<String>,
+}
 
-    /// Kills and reaps the child when dropped, also when the test panics.
-    struct Proc(std::process::Child);
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+impl Proc {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Proc {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sockframe"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        for (is_out, stream) in [(true, out), (false, err)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((is_out, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
         }
     }
 
+    /// The next line of stdout (`out`) or stderr for which `pred` holds; fails after [`WAIT`].
+    fn wait_line(&mut self, out: bool, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((is_out, line)) => {
+                    self.seen.push(line.clone());
+                    if is_out == out && pred(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no such line ({e}); lines so far: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn command(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `serve --save-dir DIR` on an OS-picked port, and its address.
+fn serve_saving_into(save: &Path) -> (Proc, String) {
+    let mut serve = Proc::spawn(&[
+        "serve".as_ref(),
+        "--bind".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--save-dir".as_ref(),
+        save.as_os_str(),
+    ]);
+    let listening = serve.wait_line(false, |l| l.starts_with("listening on "));
+    let addr = listening.trim_start_matches("listening on ").to_string();
+    (serve, addr)
+}
+
+/// The real binary: `serve --save-dir` and `send-file`, with the exit code.
+#[test]
+fn cli_send_file_end_to_end() {
+    use std::process::Command;
     let dir = TempDir::new("cli");
     let (src, save) = (dir.sub("src"), dir.path().join("save"));
     let d1 = generate(&src.join("one.bin"), 3 << 20, 9);
     let d2 = generate(&src.join("two words.txt"), 12345, 10);
     let bin = env!("CARGO_BIN_EXE_sockframe");
-    let mut serve = Proc(
-        Command::new(bin)
-            .args(["serve", "--bind", "127.0.0.1:0", "--save-dir"])
-            .arg(&save)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
-    for (is_out, stream) in [
-        (
-            true,
-            Box::new(serve.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        ),
-        (false, Box::new(serve.0.stderr.take().unwrap())),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((is_out, line)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let deadline = Instant::now() + WAIT;
-    let wait_line = |want_out: bool, pred: &dyn Fn(&str) -> bool| -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (is_out, line) = rx.recv_timeout(left).expect("serve output within the wait");
-            if is_out == want_out && pred(&line) {
-                return line;
-            }
-        }
-    };
-    let listening = wait_line(false, &|l| l.starts_with("listening on "));
-    let addr = listening.trim_start_matches("listening on ").to_string();
+    let (mut serve, addr) = serve_saving_into(&save);
 
     let out = Command::new(bin)
         .args(["send-file", &addr])
@@ -790,7 +828,7 @@ fn cli_send_file_end_to_end() {
         stdout.contains(&format!("sent two words.txt 12345 {d2}")),
         "{stdout}"
     );
-    let line = wait_line(true, &|l| l.starts_with("file ") && l.contains("one.bin"));
+    let line = serve.wait_line(true, |l| l.starts_with("file ") && l.contains("one.bin"));
     assert!(
         line.ends_with(&format!("one.bin {} {d1}", 3 << 20)),
         "{line}"
@@ -808,7 +846,38 @@ fn cli_send_file_end_to_end() {
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("already exists"), "{stderr}");
-    drop(serve);
+}
+
+/// The real binary: `serve`'s stdin command `send-file <id> <path>` pushes a file to
+/// `connect --save-dir`.
+#[test]
+fn cli_serve_pushes_a_file_to_connect() {
+    let dir = TempDir::new("clipush");
+    let (src, server_save, client_save) = (dir.sub("src"), dir.sub("ss"), dir.path().join("cs"));
+    let digest = generate(&src.join("pushed.bin"), 2 << 20, 13);
+    let (mut serve, addr) = serve_saving_into(&server_save);
+    let mut connect = Proc::spawn(&[
+        "connect".as_ref(),
+        addr.as_ref(),
+        "--save-dir".as_ref(),
+        client_save.as_os_str(),
+    ]);
+    connect.wait_line(false, |l| l.starts_with("connected to"));
+    let connected = serve.wait_line(true, |l| l.starts_with("connected "));
+    let id = connected.split(' ').nth(1).unwrap().to_string();
+    serve.command(&format!(
+        "send-file {id} {}",
+        src.join("pushed.bin").display()
+    ));
+    let saved = connect.wait_line(false, |l| l.starts_with("file pushed.bin"));
+    assert!(saved.contains(&digest.to_string()), "{saved}");
+    serve.wait_line(false, |l| {
+        l.contains("sent to client") && l.contains("verified")
+    });
+    assert_eq!(
+        Digest::of_file(&client_save.join("pushed.bin")).unwrap(),
+        digest
+    );
 }
 
 /// A TCP proxy to `target` that cuts its first connection (both directions, at once) after
