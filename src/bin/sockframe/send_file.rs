@@ -124,12 +124,15 @@ async fn watch(client: &mut Client, handle: TransferHandle, show: Show) -> Resul
         bar
     });
     let started = Instant::now();
-    let mut tick = tokio::time::interval(match show {
+    let every = match show {
         Show::Bar => Duration::from_millis(100),
         _ => PLAIN_EVERY,
-    });
+    };
+    // The first line after one period: a file that is done (or refused) at once needs none.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let finish = handle.finish();
     tokio::pin!(finish);
+    let mut dropped = false;
     let result = loop {
         tokio::select! {
             result = &mut finish => break result.map_err(anyhow::Error::from),
@@ -149,10 +152,12 @@ async fn watch(client: &mut Client, handle: TransferHandle, show: Show) -> Resul
             }
             event = client.recv() => match event {
                 Some(ClientEvent::Disconnected { reason }) if show != Show::Quiet => {
-                    eprintln!("disconnected: {reason}; reconnecting to resume")
+                    dropped = true;
+                    notice(&bar, &format!("disconnected: {reason}; reconnecting to resume"));
                 }
-                Some(ClientEvent::Connected { addr }) if show != Show::Quiet => {
-                    eprintln!("connected to {addr}")
+                // The first connection needs no notice; a reconnect does.
+                Some(ClientEvent::Connected { addr }) if show != Show::Quiet && dropped => {
+                    notice(&bar, &format!("reconnected to {addr}"));
                 }
                 Some(ClientEvent::FileOffer(offer)) => offer.reject("send-file receives no files"),
                 Some(_) => {}
@@ -167,6 +172,14 @@ async fn watch(client: &mut Client, handle: TransferHandle, show: Show) -> Resul
         }
     }
     result.with_context(|| format!("{name} was not delivered"))
+}
+
+/// A line on stderr that does not tear the progress bar apart.
+fn notice(bar: &Option<ProgressBar>, text: &str) {
+    match bar {
+        Some(bar) => bar.suspend(|| eprintln!("{text}")),
+        None => eprintln!("{text}"),
+    }
 }
 
 /// A plain progress line: `NAME: 52428800 of 104857600 bytes (50%), 95.2 MB/s`.
