@@ -1051,3 +1051,53 @@ async fn several_transfers_share_one_connection_both_ways() {
     client.close().await.unwrap();
     server.shutdown().await;
 }
+
+/// The real binary: `serve --json --max-file-size` reports files as JSON and refuses larger
+/// ones; `send-file --json` reports each verified file as JSON.
+#[test]
+fn cli_json_and_max_file_size() {
+    use std::process::Command;
+    let dir = TempDir::new("clijson");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    let small = generate(&src.join("small.bin"), 1000, 14);
+    generate(&src.join("large.bin"), 3000, 15);
+    let mut serve = Proc::spawn(&[
+        "serve".as_ref(),
+        "--bind".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--json".as_ref(),
+        "--max-file-size".as_ref(),
+        "2KiB".as_ref(),
+        "--save-dir".as_ref(),
+        save.as_os_str(),
+    ]);
+    let listening = serve.wait_line(false, |l| l.starts_with("listening on "));
+    let addr = listening.trim_start_matches("listening on ");
+    let out = Command::new(env!("CARGO_BIN_EXE_sockframe"))
+        .args(["send-file", "--json", addr])
+        .arg(src.join("small.bin"))
+        .arg(src.join("large.bin"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let sent: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["event"] == "sent")
+        .collect();
+    assert_eq!(sent.len(), 1, "{stdout}");
+    assert_eq!(sent[0]["name"], "small.bin");
+    assert_eq!(sent[0]["digest"], small.to_string());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("large.bin") && stderr.contains("limit"),
+        "{stderr}"
+    );
+    let line = serve.wait_line(true, |l| l.contains("\"event\":\"file\""));
+    let file: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(file["name"], "small.bin");
+    assert_eq!(file["bytes"], 1000);
+    assert_eq!(file["digest"], small.to_string());
+    assert_eq!(TempDir::list(&save), ["small.bin"]);
+}
