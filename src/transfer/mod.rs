@@ -29,7 +29,7 @@
 //! when a connection drops. A later offer of the same digest (same file content, any name)
 //! is answered with `ACCEPT` at the partial file's length, and only the rest is sent. A
 //! client that reconnects re-offers its unfinished transfers by itself
-//! ([`Transfers::on_new_connection`]); a re-run of the CLI after a crash does the same by
+//! (the engine's `on_new_connection`); a re-run of the CLI after a crash does the same by
 //! offering the file again.
 
 mod name;
