@@ -1101,3 +1101,46 @@ fn cli_json_and_max_file_size() {
     assert_eq!(file["digest"], small.to_string());
     assert_eq!(TempDir::list(&save), ["small.bin"]);
 }
+
+/// `TransferHandle::cancel`: the sender's `finish` fails, the receiver reports it and
+/// deletes its partial file (nobody will resume a cancelled transfer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_transfer_leaves_nothing_behind() {
+    let dir = TempDir::new("cancel");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    generate(&src.join("cancel.bin"), 128 << 20, 16);
+    let mut config = server_config(Some(&save));
+    config.transfer.window = 2;
+    let (server, events) = start_server_with(config).await;
+    let mut events = accept_all(events);
+    let mut cc = client_config(&server);
+    cc.transfer.window = 2;
+    let client = Client::connect(cc).await.unwrap();
+    let handle = client.send_file(src.join("cancel.bin")).await.unwrap();
+    let progress = handle.progress_reader();
+    timeout(WAIT, async {
+        while progress().confirmed == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    handle.cancel();
+    match timeout(WAIT, handle.finish()).await.unwrap() {
+        Err(Error::TransferFailed(text)) => assert!(text.contains("cancelled"), "{text}"),
+        other => panic!("expected a cancelled transfer, got {other:?}"),
+    }
+    let failed = wait_for(&mut events, |e| matches!(e, ServerEvent::FileFailed { .. })).await;
+    let ServerEvent::FileFailed { failure, .. } = failed else {
+        unreachable!()
+    };
+    assert!(failure.reason.contains("cancelled"), "{failure:?}");
+    assert!(!failure.resumable);
+    assert!(
+        TempDir::list(&save).is_empty(),
+        "{:?}",
+        TempDir::list(&save)
+    );
+    client.close().await.unwrap();
+    server.shutdown().await;
+}

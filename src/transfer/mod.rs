@@ -834,6 +834,10 @@ impl Receiving<'_> {
                     Some(frame) => frame,
                     None => {
                         let written = self.part.as_ref().map_or(0, PartFile::written);
+                        if let Some(part) = self.part.take() {
+                            // Kept for a resume: make what it holds durable first.
+                            let _ = tokio::task::spawn_blocking(move || part.sync()).await;
+                        }
                         return self
                             .failed(
                                 format!(

@@ -147,6 +147,12 @@ impl PartFile {
         }
     }
 
+    /// Flushes what is written to the disk: before a connection's receive lets go of the
+    /// partial file, so that a resume after a power cut starts from bytes really there.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Deletes the partial file (the sender cancelled: nobody will resume it).
     pub(crate) fn discard(self) {
         drop(self.file);
