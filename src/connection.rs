@@ -380,6 +380,8 @@ pub(crate) enum Outgoing {
     /// Not a frame: done once everything queued before it is confirmed (acknowledged by the
     /// peer in a session, written without one).
     Flush(FlushWaiter),
+    /// A file transfer frame (sockframe protocol only).
+    Transfer(crate::protocol::transfer::TransferFrame),
 }
 
 impl Weigh for Outgoing {
@@ -392,6 +394,7 @@ impl Weigh for Outgoing {
                 ..
             } => t.len(),
             Outgoing::Flush(_) => 0,
+            Outgoing::Transfer(frame) => frame.weight(),
         }
     }
 }
@@ -524,6 +527,8 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     /// The lossless session this connection carries, if any (sockframe mode only). Its
     /// retained frames are written first; its counts are updated as frames pass.
     pub(crate) session: Option<&'a mut Session>,
+    /// Where file transfer frames go (sockframe mode); `None` makes them a protocol error.
+    pub(crate) transfers: Option<&'a crate::transfer::Inbox>,
 }
 
 /// How a connection run by `drive` ended.
@@ -603,6 +608,7 @@ where
         acks: acks.as_ref(),
         farewell: std::sync::atomic::AtomicBool::new(false),
         truncated: std::sync::atomic::AtomicBool::new(false),
+        transfers: d.transfers,
     };
 
     // Events read but not yet handed over; outside the read future so that dropping that
@@ -812,6 +818,7 @@ struct Inbound<'a, E, M, R> {
     farewell: std::sync::atomic::AtomicBool,
     /// Set when the stream ends in the middle of a frame.
     truncated: std::sync::atomic::AtomicBool,
+    transfers: Option<&'a crate::transfer::Inbox>,
 }
 
 impl<E, M, R> Inbound<'_, E, M, R>
@@ -1002,6 +1009,32 @@ where
                 Ok(Frame::Close { code, text }) => {
                     self.farewell.store(true, Ordering::Relaxed);
                     return DisconnectReason::from_close(code, &text);
+                }
+                Ok(Frame::Transfer(frame)) => {
+                    // Events read before a transfer frame are handed over first, so that an
+                    // offer is never reported before a message sent ahead of it.
+                    self.flush(batch).await;
+                    let Some(inbox) = self.transfers else {
+                        return DisconnectReason::Protocol(
+                            "file transfer frame on a connection without file transfer".into(),
+                        );
+                    };
+                    // Waiting here pauses reading: a receiver whose disk is behind slows
+                    // the sender through TCP instead of buffering.
+                    let Ok(slot) = inbox.reserve().await else {
+                        return DisconnectReason::Closed;
+                    };
+                    held.take();
+                    // Application frames: counted as traffic, and they keep a connection
+                    // from going idle.
+                    self.traffic.add_in(frame.weight());
+                    self.liveness.message();
+                    if let Some(acks) = self.acks {
+                        // In the engine's hands: received, in order after the batch above.
+                        acks.add_bytes(frame.weight());
+                        acks.received_one();
+                    }
+                    slot.send(crate::transfer::Input::Frame(frame));
                 }
                 Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
                     return DisconnectReason::Protocol(
@@ -1335,6 +1368,17 @@ fn push<W: AsyncWrite + Unpin>(
         ),
         (Mode::Sockframe, Outgoing::Response { id, result: Err(e) }) => {
             writer.push(wire::encode(&Frame::Response { id, result: Err(e) }))
+        }
+        (
+            Mode::Sockframe,
+            Outgoing::Transfer(crate::protocol::transfer::TransferFrame::Chunk {
+                id,
+                offset,
+                data,
+            }),
+        ) => writer.push_parts(&crate::protocol::transfer::chunk_head(id, offset), data),
+        (Mode::Sockframe, Outgoing::Transfer(frame)) => {
+            writer.push(crate::protocol::transfer::encode(&frame))
         }
     };
     match res {

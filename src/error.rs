@@ -104,6 +104,27 @@ pub enum Error {
     /// Closing left queued messages that were never written to a connection.
     #[error("{0} queued message(s) were not sent before the connection closed")]
     Undelivered(usize),
+    /// The receiver refused a file offer.
+    #[error("the receiver refused the file: {text}")]
+    Refused {
+        /// A `protocol::transfer::refuse_code`.
+        code: u16,
+        /// The receiver's reason.
+        text: String,
+    },
+    /// A file transfer failed after it was accepted (a digest mismatch, a full disk, a
+    /// cancel); the text says how.
+    #[error("file transfer failed: {0}")]
+    TransferFailed(String),
+    /// A local file could not be read.
+    #[error("{}: {}", .path.display(), crate::reason::plain_io_message(.source))]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A person-readable reason for a failed connect, with a hint for the common case.

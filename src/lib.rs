@@ -15,6 +15,8 @@
 //!   send / broadcast / disconnect, graceful shutdown.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
+//! - [`transfer`]: file transfer in both directions: chunked with a bounded window,
+//!   BLAKE3-verified, resumable, interleaved with messages.
 //! - `tls` (feature `tls`, on by default): rustls configurations, PEM loading, reloading,
 //!   and throw-away certificates for tests and first steps.
 //! - [`Message`] (text, binary or untyped), [`Request`] (an incoming request and its
@@ -73,6 +75,7 @@ pub mod server;
 mod session;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod transfer;
 
 pub use connection::{Heartbeat, Mode, RateAction, RateLimit};
 pub use error::Error;
@@ -89,3 +92,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// Compiles the example in docs/transfer.md as a doctest.
+#[doc = include_str!("../docs/transfer.md")]
+#[cfg(doctest)]
+pub struct TransferDocDoctests;

@@ -106,6 +106,7 @@ async fn application(server: Server, mut events: ServerEvents, seen: Shared) {
             ServerEvent::Disconnected { client, reason } => {
                 lock(&seen).reasons.insert(client, reason);
             }
+            // No save directory: file offers are refused before they become events.
             _ => {}
         }
     }

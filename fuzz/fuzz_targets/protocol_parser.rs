@@ -26,7 +26,20 @@ fuzz_target!(|data: &[u8]| {
             // Fields that run to the end of the frame leave nothing unread.
             let whole = !matches!(
                 frame,
-                Frame::Welcome(_) | Frame::Ping(_) | Frame::Pong(_) | Frame::Unknown(_)
+                Frame::Welcome(_)
+                    | Frame::Ping(_)
+                    | Frame::Pong(_)
+                    | Frame::Unknown(_)
+                    | Frame::Transfer(
+                        sockframe::protocol::transfer::TransferFrame::Offer { .. }
+                            | sockframe::protocol::transfer::TransferFrame::Accept { .. }
+                            | sockframe::protocol::transfer::TransferFrame::Progress { .. }
+                            | sockframe::protocol::transfer::TransferFrame::Done { .. }
+                            | sockframe::protocol::transfer::TransferFrame::Result {
+                                result: Ok(()),
+                                ..
+                            }
+                    )
             );
             if whole {
                 assert_eq!(&wire[..], data, "{frame:?}");

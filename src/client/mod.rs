@@ -107,6 +107,9 @@ pub struct ClientConfig {
     /// `handshake_timeout`.
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::ClientTls>,
+    /// File transfer. Default: no save directory, so files the server pushes are refused;
+    /// sending files works regardless.
+    pub transfer: crate::transfer::TransferConfig,
 }
 
 impl ClientConfig {
@@ -138,6 +141,7 @@ impl ClientConfig {
             frame_timeout: Some(Duration::from_secs(30)),
             #[cfg(feature = "tls")]
             tls: None,
+            transfer: crate::transfer::TransferConfig::default(),
         }
     }
 }
@@ -180,6 +184,24 @@ pub enum ClientEvent {
         /// How long the client waits before the attempt.
         delay: Duration,
     },
+    /// The server offers a file (only with [`TransferConfig::save_dir`](crate::transfer::TransferConfig::save_dir)
+    /// set): accept or reject it through the [`FileOffer`](crate::transfer::FileOffer).
+    FileOffer(crate::transfer::FileOffer),
+    /// A file from the server was received, verified and put in place.
+    FileReceived(crate::transfer::ReceivedFile),
+    /// An accepted file from the server was not received.
+    FileFailed(crate::transfer::FileFailure),
+}
+
+impl From<crate::transfer::TransferEvent> for ClientEvent {
+    fn from(event: crate::transfer::TransferEvent) -> Self {
+        use crate::transfer::TransferEvent;
+        match event {
+            TransferEvent::Offer(offer) => ClientEvent::FileOffer(offer),
+            TransferEvent::Received(file) => ClientEvent::FileReceived(file),
+            TransferEvent::Failed(failure) => ClientEvent::FileFailed(failure),
+        }
+    }
 }
 
 const CONNECTED: u8 = 0;
@@ -220,6 +242,8 @@ pub struct Client {
 pub struct ClientSender {
     outbox: OutboxSender,
     shared: Arc<Shared>,
+    /// The file transfer engine; lives across reconnects.
+    transfers: crate::transfer::Transfers,
 }
 
 impl Client {
@@ -238,6 +262,26 @@ impl Client {
         let link = connect_with_backoff(&config, &config.backoff, None, &close, None).await?;
         let (outbox_tx, outbox_rx) = outbox(config.outbox);
         let (events_tx, events) = mpsc::channel(config.event_capacity.max(1));
+        let transfers = {
+            // Weak: the event stream must end when the connection task does, even while
+            // transfer tasks are still winding down; their late events are dropped.
+            let events = events_tx.downgrade();
+            let emit: crate::transfer::Emit = Arc::new(move |event| {
+                let events = events.upgrade();
+                Box::pin(async move {
+                    if let Some(events) = events {
+                        let _ = events.send(vec![ClientEvent::from(event)]).await;
+                    }
+                })
+            });
+            crate::transfer::Transfers::new(
+                config.transfer.clone(),
+                outbox_tx.clone(),
+                emit,
+                Arc::default(),
+                link.send_limit,
+            )
+        };
         let shared = Arc::new(Shared {
             config,
             state: AtomicU8::new(CONNECTED),
@@ -253,11 +297,13 @@ impl Client {
             outbox_rx,
             outbox_tx.clone(),
             events_tx,
+            transfers.clone(),
         ));
         Ok(Client {
             sender: ClientSender {
                 outbox: outbox_tx,
                 shared,
+                transfers,
             },
             events,
             ready: Default::default(),
@@ -268,6 +314,14 @@ impl Client {
     /// Queues `msg` for the server; see [`ClientSender::send`].
     pub async fn send(&self, msg: impl Into<Message>) -> Result<()> {
         self.sender.send(msg).await
+    }
+
+    /// Sends a file to the server; see [`ClientSender::send_file`].
+    pub async fn send_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::transfer::TransferHandle> {
+        self.sender.send_file(path).await
     }
 
     /// Sends a request and waits for the answer; see [`ClientSender::request`].
@@ -405,6 +459,29 @@ impl ClientSender {
         crate::request::request(&self.shared.pending, &self.outbox, msg, timeout).await
     }
 
+    /// Sends the file at `path` to the server: hashes it (BLAKE3), offers it, and streams it
+    /// once accepted, interleaved with other messages. Returns once offered; the handle's
+    /// [`finish`](crate::transfer::TransferHandle::finish) resolves when the server has
+    /// verified it. With [`ClientConfig::reconnect`] on, a transfer interrupted by a dropped
+    /// connection is offered again after the reconnect and goes on from what the server
+    /// already has. Fails with [`Error::NotSupported`] over the tutorial framing.
+    pub async fn send_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::transfer::TransferHandle> {
+        if self.shared.config.protocol == Mode::Tutorial {
+            return Err(Error::NotSupported);
+        }
+        match self.shared.state.load(Ordering::Acquire) {
+            CLOSED => return Err(Error::Closed),
+            DISCONNECTED if self.shared.config.offline == OfflinePolicy::Fail => {
+                return Err(Error::NotConnected);
+            }
+            _ => {}
+        }
+        self.transfers.send_file(path.as_ref()).await
+    }
+
     fn checked(&self, msg: Message) -> Result<Message> {
         let shared = &self.shared;
         // The limit of the server we talk to now. (A message queued for a later connection
@@ -445,10 +522,12 @@ async fn run(
     mut outbox: OutboxReceiver,
     reply: OutboxSender,
     events: mpsc::Sender<Vec<ClientEvent>>,
+    transfers: crate::transfer::Transfers,
 ) -> Result<()> {
     let config = &shared.config;
     let traffic = Traffic::default();
     let mut session: Option<Session> = None;
+    let mut reconnected = false;
     let result = 'run: loop {
         let resumed = match link.grant {
             SessionGrant::None => {
@@ -494,6 +573,13 @@ async fn run(
             shared.server_id.store(id, Ordering::Release);
         }
         shared.send_limit.store(link.send_limit, Ordering::Release);
+        transfers.set_frame_limit(link.send_limit);
+        if reconnected && !resumed {
+            // A new session knows nothing of our transfers: offer them again (a resumed
+            // session carries them on by itself, frames and all).
+            transfers.on_new_connection().await;
+        }
+        reconnected = true;
         // Mark connected before announcing it, so an application that sees `Connected` can
         // send at once; never overwrite CLOSED (close and drop race with this task).
         let _ = shared.state.compare_exchange(
@@ -538,6 +624,7 @@ async fn run(
                 frame_timeout: config.frame_timeout,
                 rate_limit: None,
                 session: session.as_mut(),
+                transfers: (config.protocol == Mode::Sockframe).then(|| transfers.inbox()),
             },
         )
         .await;
@@ -602,6 +689,7 @@ async fn run(
         }
     };
     shared.state.store(CLOSED, Ordering::Release);
+    transfers.close();
     result
 }
 

@@ -348,6 +348,8 @@ pub enum Frame {
     AckRequest,
     /// An ignorable frame type (`>= 0x80`) this version does not know.
     Unknown(u8),
+    /// A file transfer frame (types `0x30..=0x3f`, see [`super::transfer`]).
+    Transfer(super::transfer::TransferFrame),
 }
 
 /// Why bytes are not a valid frame.
@@ -617,6 +619,9 @@ pub fn parse(payload: &Bytes) -> Result<Frame, ParseError> {
             code: r.u16("close code")?,
             text: r.rest_str("close reason")?,
         },
+        t if super::transfer::is_transfer_type(t) => {
+            Frame::Transfer(super::transfer::parse(payload)?)
+        }
         t if t >= FIRST_IGNORABLE => Frame::Unknown(t),
         t => return Err(ParseError::UnknownType(t)),
     };
@@ -775,6 +780,7 @@ pub fn encode(frame: &Frame) -> Bytes {
         }
         Frame::AckRequest => b.put_u8(frame_type::ACK_REQUEST),
         Frame::Unknown(t) => b.put_u8(*t),
+        Frame::Transfer(t) => return super::transfer::encode(t),
     }
     b.freeze()
 }

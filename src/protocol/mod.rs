@@ -9,11 +9,14 @@
 //!   byte on a sockframe connection is inside such frames.
 //! - [`message`]: the *sockframe protocol* carried in those frames: the hello / welcome
 //!   handshake and typed frames (text, binary, request, response, ping, pong, close).
+//! - [`transfer`]: the file transfer frames of the sockframe protocol (offer, accept,
+//!   chunk, progress, done, result, cancel).
 //!
 //! See `docs/protocol.md` for byte diagrams and hex vectors.
 
 pub mod frame;
 pub mod message;
+pub mod transfer;
 
 pub use frame::{
     DEFAULT_MAX_FRAME, FrameError, HEADER_LEN, check_header, encode_header, frame_len,

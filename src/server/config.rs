@@ -100,6 +100,9 @@ pub struct ServerConfig {
     /// runs in the connection's task within `handshake_timeout`; it never stalls accepting.
     #[cfg(feature = "tls")]
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// File transfer (sockframe clients). Default: no save directory, so files offered by
+    /// clients are refused; sending files to clients works regardless.
+    pub transfer: crate::transfer::TransferConfig,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +133,7 @@ impl Default for ServerConfig {
             session_window: crate::SessionLimits::default(),
             #[cfg(feature = "tls")]
             tls: None,
+            transfer: crate::transfer::TransferConfig::default(),
         }
     }
 }

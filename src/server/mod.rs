@@ -102,6 +102,41 @@ pub enum ServerEvent {
         /// Why.
         reason: DisconnectReason,
     },
+    /// A client offers a file (only with [`TransferConfig::save_dir`](crate::transfer::TransferConfig::save_dir)
+    /// set, and once the name, size and existing files have been checked): accept or reject
+    /// it through the [`FileOffer`](crate::transfer::FileOffer).
+    FileOffer {
+        /// The sender.
+        client: ClientId,
+        /// The offer.
+        offer: crate::transfer::FileOffer,
+    },
+    /// A file from a client was received, verified and put in place.
+    FileReceived {
+        /// The sender.
+        client: ClientId,
+        /// The file.
+        file: crate::transfer::ReceivedFile,
+    },
+    /// An accepted file from a client was not received.
+    FileFailed {
+        /// The sender.
+        client: ClientId,
+        /// The file and why.
+        failure: crate::transfer::FileFailure,
+    },
+}
+
+impl ServerEvent {
+    /// A transfer engine's event, as a server event of `client`.
+    fn transfer(client: ClientId, event: crate::transfer::TransferEvent) -> Self {
+        use crate::transfer::TransferEvent;
+        match event {
+            TransferEvent::Offer(offer) => ServerEvent::FileOffer { client, offer },
+            TransferEvent::Received(file) => ServerEvent::FileReceived { client, file },
+            TransferEvent::Failed(failure) => ServerEvent::FileFailed { client, failure },
+        }
+    }
 }
 
 /// The stream of [`ServerEvent`]s. It ends (`recv` returns `None`) after a shutdown, once
@@ -157,6 +192,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Tracks the accept loop and every connection task.
     tasks: TaskTracker,
+    /// The file transfer engine of each connected sockframe client.
+    transfers: std::sync::Mutex<std::collections::HashMap<ClientId, crate::transfer::Transfers>>,
+    /// One receive per file content at a time, across connections.
+    transfer_locks: Arc<crate::transfer::Locks>,
 }
 
 impl Server {
@@ -182,6 +221,8 @@ impl Server {
             registry: Arc::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            transfers: Default::default(),
+            transfer_locks: Default::default(),
         });
         inner
             .tasks
@@ -289,6 +330,36 @@ impl Server {
         let waited = join_all(waiting.iter().map(|h| h.outbox.send(msg.clone()))).await;
         delivered += waited.iter().filter(|r| r.is_ok()).count();
         Ok(delivered)
+    }
+
+    /// Sends the file at `path` to a sockframe client: hashes it (BLAKE3), offers it, and
+    /// streams it once accepted, interleaved with other messages. Returns once offered; the
+    /// handle's [`finish`](crate::transfer::TransferHandle::finish) resolves when the client
+    /// has verified it. Fails with [`Error::NotSupported`] for a tutorial client and
+    /// [`Error::File`] when the file cannot be read.
+    ///
+    /// The transfer fails if the client disconnects; sending the same file again after it
+    /// reconnects resumes from what it already has on disk.
+    pub async fn send_file(
+        &self,
+        client: ClientId,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::transfer::TransferHandle> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        let transfers = self
+            .inner
+            .transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned();
+        match transfers {
+            Some(transfers) => transfers.send_file(path.as_ref()).await,
+            None if self.inner.registry.get(client).is_some() => Err(Error::NotSupported),
+            None => Err(Error::UnknownClient(client)),
+        }
     }
 
     /// Disconnects a client with reason `kicked`, after delivering what is already queued for
@@ -676,6 +747,29 @@ async fn serve_stream<S>(
             return;
         }
     }
+    if mode == Mode::Sockframe {
+        // Weak: transfer tasks that outlive the connection must not keep the event stream
+        // open after shutdown; their late events are dropped.
+        let events = events.downgrade();
+        let emit: crate::transfer::Emit = Arc::new(move |event| {
+            let events = events.upgrade();
+            Box::pin(async move {
+                if let Some(events) = events {
+                    let _ = events
+                        .send(vec![ServerEvent::transfer(client, event)])
+                        .await;
+                }
+            })
+        });
+        let transfers = crate::transfer::Transfers::new(
+            config.transfer.clone(),
+            handle.outbox.clone(),
+            emit,
+            inner.transfer_locks.clone(),
+            config.max_frame,
+        );
+        lock_transfers(&inner).insert(client, transfers);
+    }
     tracing::debug!(%client, %addr, ?mode, "connected");
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
     if let Some(reason) = admitted.broken {
@@ -739,6 +833,8 @@ async fn run_client<R, W>(
     let handle = registration.handle.clone();
     let client = handle.id;
     let close = handle.new_link(link.addr);
+    // The client's file transfers live as long as it does: across a session's connections.
+    let transfers = lock_transfers(&inner).get(&client).cloned();
     let outcome = drive(
         link.reader,
         link.writer,
@@ -762,9 +858,11 @@ async fn run_client<R, W>(
             frame_timeout: config.frame_timeout,
             rate_limit: config.rate_limit,
             session: session.as_mut(),
+            transfers: transfers.as_ref().map(|t| t.inbox()),
         },
     )
     .await;
+    drop(transfers);
     let keep = session.is_some() && outcome.link_failed() && !handle.close.is_cancelled();
     let mut reason = outcome.reason;
     // The connection slot is free whether or not the session lives on.
@@ -802,6 +900,7 @@ async fn run_client<R, W>(
         let Some(parked) = handle.take_parked() else {
             return;
         };
+        end_transfers(&inner, client);
         reason = if handle.close.is_cancelled() {
             handle.close_order().reason
         } else {
@@ -813,6 +912,7 @@ async fn run_client<R, W>(
         // Unregisters the client, before the event (see below).
         drop(parked);
     } else {
+        end_transfers(&inner, client);
         handle.pending.fail_all();
         // Fail sends still waiting for room in this client's queue now: an application
         // blocked in such a send may be the one that must read the event below.
@@ -828,6 +928,21 @@ async fn run_client<R, W>(
         ServerEvent::Disconnected { client, reason },
     )
     .await;
+}
+
+/// The file transfer engines of the clients, by id.
+fn lock_transfers(
+    inner: &Inner,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<ClientId, crate::transfer::Transfers>> {
+    inner.transfers.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops a departed client's file transfers.
+fn end_transfers(inner: &Inner, client: ClientId) {
+    let transfers = lock_transfers(inner).remove(&client);
+    if let Some(transfers) = transfers {
+        transfers.close();
+    }
 }
 
 /// Finds the session a hello asks to resume and takes it over: at once if it is parked, or

@@ -25,6 +25,9 @@ pub struct Args {
     /// connected, reconnecting never gives up
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse::duration)]
     timeout: Duration,
+    /// Accept files the server sends, into this directory (created if missing)
+    #[arg(long, value_name = "DIR")]
+    save_dir: Option<std::path::PathBuf>,
     /// Protocol, token and name.
     #[command(flatten)]
     peer: crate::peer::PeerArgs,
@@ -36,6 +39,11 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = ClientConfig::new(args.addr.clone());
     config.reconnect = true;
     args.peer.apply(&mut config)?;
+    if let Some(dir) = &args.save_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the save directory {}", dir.display()))?;
+        config.transfer.save_dir = Some(dir.clone());
+    }
     // The first connection gives up after --timeout; reconnects keep trying (the library's
     // default `reconnect_backoff` has no limit).
     config.backoff.deadline = Some(args.timeout);
@@ -100,6 +108,27 @@ fn show(event: ClientEvent) -> Result<()> {
         ClientEvent::Reconnecting { attempt, delay } => eprintln!(
             "reconnecting (attempt {attempt}, in {}ms)",
             delay.as_millis()
+        ),
+        ClientEvent::FileOffer(offer) => {
+            // Offered only with --save-dir; the library has checked the name and size.
+            eprintln!(
+                "receiving file {} ({} bytes)",
+                output::escape(offer.name()),
+                offer.size()
+            );
+            offer.accept();
+        }
+        ClientEvent::FileReceived(file) => eprintln!(
+            "file {} {} {} saved as {}",
+            output::escape(&file.name),
+            file.size,
+            file.digest,
+            file.path.display()
+        ),
+        ClientEvent::FileFailed(failure) => eprintln!(
+            "file {} not received: {}",
+            output::escape(&failure.name),
+            failure.reason
         ),
         other => eprintln!("{other:?}"),
     }

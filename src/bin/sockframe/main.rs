@@ -10,6 +10,7 @@ mod parse;
 mod peer;
 mod request;
 mod send;
+mod send_file;
 mod serve;
 
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     Connect(connect::Args),
     /// Send messages, wait until they are delivered, and exit
     Send(send::Args),
+    /// Send files, wait until the server has verified each, and exit
+    SendFile(send_file::Args),
     /// Send one request, print the answer, and exit
     Request(request::Args),
     /// Create a local CA and server and client certificates for TLS
@@ -69,6 +72,7 @@ async fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
             Command::Send(args) => send::run(args).await,
+            Command::SendFile(args) => send_file::run(args).await,
             Command::Request(args) => request::run(args).await,
             Command::Cert(args) => cert::run(args),
             Command::Bench(args) => bench::run(args).await,

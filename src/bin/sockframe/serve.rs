@@ -13,7 +13,11 @@
 //! counted instead of printed: a rate per second on stderr, and totals when the server stops.
 //!
 //! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
-//! `help`. The text is sent as typed, byte for byte (no escapes are interpreted).
+//! `send-file <id> <path>`, `help`. The text is sent as typed, byte for byte (no escapes
+//! are interpreted).
+//!
+//! With `--save-dir`, files that clients send are accepted into that directory and each
+//! verified one is printed as `file <id> <name> <bytes> <blake3 digest>`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ use crate::parse;
 const EVENT_BATCH: usize = 256;
 
 /// The commands `serve` reads on stdin, for `help` and error messages.
-const USAGE: &str = "commands: send <id> <text> | broadcast <text> | list | kick <id> | help";
+const USAGE: &str = "commands: send <id> <text> | broadcast <text> | list | kick <id> | send-file <id> <path> | help";
 
 /// Arguments of `sockframe serve`.
 #[derive(Debug, clap::Args)]
@@ -96,6 +100,17 @@ pub struct Args {
     /// `list` then comes from its certificate
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     client_ca: Option<std::path::PathBuf>,
+    /// Accept files that clients send, into this directory (created if missing). Without
+    /// it, file offers are refused
+    #[arg(long, value_name = "DIR")]
+    save_dir: Option<std::path::PathBuf>,
+    /// Largest file accepted with --save-dir, in bytes, optionally with a suffix: KiB, MiB,
+    /// GiB or KB, MB, GB [default: 64GiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse::size, requires = "save_dir")]
+    max_file_size: Option<usize>,
+    /// Replace existing files with received ones of the same name (default: refuse them)
+    #[arg(long, requires = "save_dir")]
+    overwrite: bool,
     /// Benchmark target: count each message and drop it
     #[arg(long, group = "load")]
     discard: bool,
@@ -187,6 +202,15 @@ pub async fn run(args: Args) -> Result<()> {
         let tls = sockframe::tls::ServerTls::from_files(cert, key, args.client_ca.clone())?;
         config.tls = Some(std::sync::Arc::new(tls));
     }
+    if let Some(dir) = &args.save_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the save directory {}", dir.display()))?;
+        config.transfer.save_dir = Some(dir.clone());
+        config.transfer.overwrite = args.overwrite;
+        if let Some(max) = args.max_file_size {
+            config.transfer.max_file_size = max as u64;
+        }
+    }
     let mut load = Load::new(&args);
     if args.echo {
         // Never wait on one client's queue here: while this loop waits, no event is taken,
@@ -223,7 +247,7 @@ pub async fn run(args: Args) -> Result<()> {
                     let mut next = Some(event);
                     let mut taken = 0;
                     while let Some(event) = next {
-                        if let Some(event) = load.take(&server, event).await {
+                        if let Some(event) = load.take(&server, event).await.and_then(accept_offer) {
                             print_line(&print.event(&event)).context("failed to write to stdout")?;
                             load.answer(event).await;
                         }
@@ -272,6 +296,23 @@ pub async fn run(args: Args) -> Result<()> {
     }
     load.print_totals();
     Ok(())
+}
+
+/// Accepts a file offer (offers reach the application only with `--save-dir`, after the
+/// library checked the name, the size and existing files); gives back every other event.
+fn accept_offer(event: ServerEvent) -> Option<ServerEvent> {
+    match event {
+        ServerEvent::FileOffer { client, offer } => {
+            eprintln!(
+                "receiving file {} ({} bytes) from client {client}",
+                output::escape(offer.name()),
+                offer.size()
+            );
+            offer.accept();
+            None
+        }
+        event => Some(event),
+    }
 }
 
 /// What `--discard`, `--echo` and `--fanout` do with messages instead of printing them.
@@ -405,6 +446,8 @@ enum Command<'a> {
     List,
     /// `kick <id>`
     Kick(ClientId),
+    /// `send-file <id> <path>`
+    SendFile(ClientId, &'a [u8]),
     /// `help`
     Help,
 }
@@ -435,6 +478,15 @@ impl<'a> Command<'a> {
                 Some(id) if !id.is_empty() => Command::Kick(client_id(id)?),
                 _ => return Err("usage: kick <id>".into()),
             },
+            b"send-file" => {
+                let (id, path) = split_word(rest.unwrap_or_default());
+                match path {
+                    Some(path) if !id.is_empty() && !path.is_empty() => {
+                        Command::SendFile(client_id(id)?, path)
+                    }
+                    _ => return Err("usage: send-file <id> <path>".into()),
+                }
+            }
             b"list" | b"help" if rest.is_some_and(|r| !r.trim_ascii().is_empty()) => {
                 return Err(format!(
                     "`{}` takes no arguments",
@@ -486,6 +538,27 @@ impl<'a> Command<'a> {
                 if !server.disconnect(id) {
                     eprintln!("error: no connected client with id {id}");
                 }
+            }
+            Command::SendFile(id, path) => {
+                let path = std::path::PathBuf::from(String::from_utf8_lossy(path).into_owned());
+                // In a task of its own: the transfer may take long, and commands go on.
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let sent = async {
+                        let handle = server.send_file(id, &path).await?;
+                        handle.finish().await
+                    };
+                    match sent.await {
+                        Ok(receipt) => eprintln!(
+                            "file {} ({} bytes) sent to client {id} and verified",
+                            output::escape(&receipt.name),
+                            receipt.size
+                        ),
+                        Err(e) => {
+                            eprintln!("error: cannot send {} to client {id}: {e}", path.display())
+                        }
+                    }
+                });
             }
             Command::Help => eprintln!("{USAGE}"),
         }
@@ -578,6 +651,45 @@ impl Printer {
                 ("client", client.0.into()),
                 ("reason", reason.to_string().into()),
                 ("reason_code", reason.code().into()),
+            ]),
+            (ServerEvent::FileOffer { client, offer }, false) => format!(
+                "offer {client} {} {} {}",
+                output::escape(offer.name()),
+                offer.size(),
+                offer.digest()
+            ),
+            (ServerEvent::FileOffer { client, offer }, true) => json_object(&[
+                ("event", "offer".into()),
+                ("client", client.0.into()),
+                ("name", offer.name().into()),
+                ("bytes", offer.size().into()),
+                ("digest", offer.digest().to_string().into()),
+            ]),
+            (ServerEvent::FileReceived { client, file }, false) => format!(
+                "file {client} {} {} {}",
+                output::escape(&file.name),
+                file.size,
+                file.digest
+            ),
+            (ServerEvent::FileReceived { client, file }, true) => json_object(&[
+                ("event", "file".into()),
+                ("client", client.0.into()),
+                ("name", file.name.as_str().into()),
+                ("bytes", file.size.into()),
+                ("digest", file.digest.to_string().into()),
+                ("path", file.path.display().to_string().into()),
+            ]),
+            (ServerEvent::FileFailed { client, failure }, false) => format!(
+                "file-failed {client} {} {}",
+                output::escape(&failure.name),
+                failure.reason
+            ),
+            (ServerEvent::FileFailed { client, failure }, true) => json_object(&[
+                ("event", "file-failed".into()),
+                ("client", client.0.into()),
+                ("name", failure.name.as_str().into()),
+                ("reason", failure.reason.as_str().into()),
+                ("resumable", failure.resumable.into()),
             ]),
             // Kinds of events this version of the CLI does not know yet.
             (other, false) => format!("event {other:?}"),
