@@ -400,32 +400,37 @@ pub fn is_hello(payload: &[u8]) -> bool {
     payload.starts_with(&MAGIC)
 }
 
-/// A cursor over a frame's bytes; every read checks the length first.
-struct Reader<'a> {
+/// A cursor over a frame's bytes; every read checks the length first. (Shared with the
+/// file transfer frames.)
+pub(super) struct Reader<'a> {
     buf: &'a [u8],
-    pos: usize,
+    /// The next byte to read.
+    pub(super) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
+    pub(super) fn new(buf: &'a [u8], pos: usize) -> Self {
+        Reader { buf, pos }
+    }
+    pub(super) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
         let end = self.pos.checked_add(n).ok_or(ParseError::Short(what))?;
         let s = self.buf.get(self.pos..end).ok_or(ParseError::Short(what))?;
         self.pos = end;
         Ok(s)
     }
-    fn u8(&mut self, what: &'static str) -> Result<u8, ParseError> {
+    pub(super) fn u8(&mut self, what: &'static str) -> Result<u8, ParseError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &'static str) -> Result<u16, ParseError> {
+    pub(super) fn u16(&mut self, what: &'static str) -> Result<u16, ParseError> {
         Ok(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()))
     }
-    fn u32(&mut self, what: &'static str) -> Result<u32, ParseError> {
+    pub(super) fn u32(&mut self, what: &'static str) -> Result<u32, ParseError> {
         Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
     }
-    fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
+    pub(super) fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
-    fn rest_str(&mut self, what: &'static str) -> Result<String, ParseError> {
+    pub(super) fn rest_str(&mut self, what: &'static str) -> Result<String, ParseError> {
         let raw = &self.buf[self.pos..];
         self.pos = self.buf.len();
         String::from_utf8(raw.to_vec()).map_err(|_| ParseError::NotUtf8(what))

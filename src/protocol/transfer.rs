@@ -27,7 +27,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::message::ParseError;
+use super::message::{ParseError, Reader};
 
 /// Transfer frame types.
 pub mod transfer_type {
@@ -179,35 +179,6 @@ pub fn is_transfer_type(ty: u8) -> bool {
     (transfer_type::OFFER..=transfer_type::LAST).contains(&ty)
 }
 
-/// A cursor over a frame's bytes; every read checks the length first.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
-        let end = self.pos.checked_add(n).ok_or(ParseError::Short(what))?;
-        let s = self.buf.get(self.pos..end).ok_or(ParseError::Short(what))?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, ParseError> {
-        Ok(self.take(1, what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, ParseError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
-    }
-    fn rest_str(&mut self, what: &'static str) -> Result<String, ParseError> {
-        let raw = &self.buf[self.pos..];
-        self.pos = self.buf.len();
-        String::from_utf8(raw.to_vec()).map_err(|_| ParseError::NotUtf8(what))
-    }
-}
-
 /// Parses a frame whose type byte (`payload[0]`) is in the transfer range.
 ///
 /// Chunk data is returned as a slice of `payload` (no copy).
@@ -216,10 +187,7 @@ pub fn parse(payload: &Bytes) -> Result<TransferFrame, ParseError> {
     let Some(&ty) = payload.first() else {
         return Err(ParseError::Empty);
     };
-    let mut r = Reader {
-        buf: payload,
-        pos: 1,
-    };
+    let mut r = Reader::new(payload, 1);
     let frame = match ty {
         OFFER => {
             let id = r.u64("transfer id")?;
