@@ -605,3 +605,44 @@ async fn a_dropped_session_client_ends_its_session_at_once() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_sessions_are_bounded() {
+    // With room for one suspended session, a second dropped client's session ends at once.
+    let (server, mut events) = start_server_with(ServerConfig {
+        max_suspended: 1,
+        ..config()
+    })
+    .await;
+    let proxy = FaultProxy::start(server.local_addr(), FaultConfig::no_cuts()).await;
+    proxy.blackhole(true);
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        proxy.blackhole(false);
+        clients.push(Client::connect(session_client(proxy.addr())).await.unwrap());
+        connected(&mut events).await;
+    }
+    // Both links cut, and the clients kept away (their hellos vanish).
+    proxy.blackhole(true);
+    proxy.cut_all();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(
+            wait_for(&mut events, |e| {
+                matches!(
+                    e,
+                    ServerEvent::Suspended { .. } | ServerEvent::Disconnected { .. }
+                )
+            })
+            .await,
+        );
+    }
+    let suspended = seen
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::Suspended { .. }))
+        .count();
+    assert_eq!(suspended, 1, "{seen:?}");
+    drop(clients);
+    proxy.shutdown().await;
+    server.shutdown().await;
+}

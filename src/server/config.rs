@@ -93,6 +93,9 @@ pub struct ServerConfig {
     /// back; `None` turns sessions off (clients asking for one get none). Messages sent to
     /// the client meanwhile queue within [`outbox`](Self::outbox). Default 60 s.
     pub session_grace: Option<Duration>,
+    /// Most sessions kept waiting for their clients at once (each holds its queue and its
+    /// unacknowledged frames); beyond it a dropped session ends at once. Default 10,000.
+    pub max_suspended: usize,
     /// Bounds on the frames a session keeps until the client acknowledges them; when full,
     /// sends to that client wait. Default 4,096 frames, 16 MiB.
     pub session_window: crate::SessionLimits,
@@ -130,6 +133,7 @@ impl Default for ServerConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             session_grace: Some(Duration::from_secs(60)),
+            max_suspended: 10_000,
             session_window: crate::SessionLimits::default(),
             #[cfg(feature = "tls")]
             tls: None,

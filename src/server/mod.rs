@@ -196,6 +196,9 @@ struct Inner {
     transfers: std::sync::Mutex<std::collections::HashMap<ClientId, crate::transfer::Transfers>>,
     /// One receive per file content at a time, across connections.
     transfer_locks: Arc<crate::transfer::Locks>,
+    /// Sessions waiting for their client to come back (bounded by
+    /// [`ServerConfig::max_suspended`]).
+    suspended: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Server {
@@ -223,6 +226,7 @@ impl Server {
             tasks: TaskTracker::new(),
             transfers: Default::default(),
             transfer_locks: Default::default(),
+            suspended: Default::default(),
         });
         inner
             .tasks
@@ -863,7 +867,15 @@ async fn run_client<R, W>(
     )
     .await;
     drop(transfers);
-    let keep = session.is_some() && outcome.link_failed() && !handle.close.is_cancelled();
+    // Counts this session among the suspended ones while it waits.
+    let mut suspension = None;
+    let keep = session.is_some()
+        && outcome.link_failed()
+        && !handle.close.is_cancelled()
+        && Suspension::take(&inner).is_some_and(|s| {
+            suspension = Some(s);
+            true
+        });
     let mut reason = outcome.reason;
     // The connection slot is free whether or not the session lives on.
     drop(permit);
@@ -928,6 +940,36 @@ async fn run_client<R, W>(
         ServerEvent::Disconnected { client, reason },
     )
     .await;
+}
+
+/// One session waiting for its client, counted against [`ServerConfig::max_suspended`]
+/// until dropped.
+struct Suspension(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Suspension {
+    /// Counts one more suspended session, unless the limit is reached: then the session
+    /// ends at once (its client is told `session expired` when it comes back), so that
+    /// clients that connect and vanish cannot make the server keep sessions without bound.
+    fn take(inner: &Inner) -> Option<Suspension> {
+        use std::sync::atomic::Ordering;
+        let count = &inner.suspended;
+        let n = count.fetch_add(1, Ordering::AcqRel);
+        if n >= inner.config.max_suspended {
+            count.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                limit = inner.config.max_suspended,
+                "too many suspended sessions; this one ends now"
+            );
+            return None;
+        }
+        Some(Suspension(count.clone()))
+    }
+}
+
+impl Drop for Suspension {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The file transfer engines of the clients, by id.
