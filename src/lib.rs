@@ -15,6 +15,9 @@
 //!   send / broadcast / disconnect, graceful shutdown.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
+//! - `session` (internal): lossless sessions: application frames counted and acknowledged,
+//!   kept until acknowledged within a [`SessionLimits`] window, resent after a resume; on by
+//!   default for clients that reconnect (`ClientConfig::session`, `ServerConfig::session_grace`).
 //! - [`transfer`]: file transfer in both directions: chunked with a bounded window,
 //!   BLAKE3-verified, resumable, interleaved with messages.
 //! - `tls` (feature `tls`, on by default): rustls configurations, PEM loading, reloading,

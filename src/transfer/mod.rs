@@ -250,7 +250,7 @@ pub struct Progress {
     pub total: u64,
 }
 
-/// A file being sent. Dropping the handle does not stop the transfer; [`cancel`]
+/// A file being sent. Dropping the handle does not stop the transfer; [`cancel`](Self::cancel)
 /// (Self::cancel) does.
 #[derive(Debug)]
 pub struct TransferHandle {
