@@ -301,8 +301,11 @@ async fn write_batches(
             wire.put_pong(&mut extra, pong.1.load(Ordering::Relaxed));
         }
         if wire.session {
+            // The flag first: the reader stores the count before raising it, so the count
+            // read after it is at least the one the request was answered for.
+            let asked = ack.0.swap(false, Ordering::Acquire);
             let received = ack.1.load(Ordering::Relaxed);
-            if ack.0.swap(false, Ordering::Acquire) || received != acked {
+            if asked || received != acked {
                 wire::put_ack(&mut extra, received);
                 acked = received;
             }
