@@ -1,6 +1,6 @@
 //! Runs the real `sockframe bench` briefly against a real `sockframe serve` on 127.0.0.1
-//! (port 0) in the sockframe protocol, with requests, tokens, TLS, size sweeps and plots, and
-//! checks that its JSON makes sense. These check behaviour, not speed: no figure is compared
+//! (port 0) in the sockframe protocol, with requests, tokens, TLS, sessions, size sweeps and
+//! plots, and checks that its JSON makes sense. These check behaviour, not speed: no figure is compared
 //! with a target.
 //!
 //! Every child process is owned by a [`Proc`], which kills and reaps it when dropped (also
@@ -389,6 +389,89 @@ fn broadcast_in_the_sockframe_protocol() {
     let r = &results[0];
     assert_eq!(r["mode"], "broadcast", "{r}");
     assert!(r["deliveries"].as_u64().unwrap() > 0, "{r}");
+}
+
+/// The server's default session window: a generator that never acknowledged would get at
+/// most this many application frames from it, then none.
+const SERVER_WINDOW: u64 = 4096;
+
+/// One second with no warm-up, so that every frame the server sent is counted.
+const ONE_SECOND: [&str; 4] = ["--duration", "1s", "--warmup", "0s"];
+
+#[test]
+fn sessions_are_acknowledged_in_pingpong() {
+    let (_server, addr) = serve(&["--protocol", "sockframe", "--echo"]);
+    let mut args = vec![
+        "--protocol",
+        "sockframe",
+        "--session",
+        "--mode",
+        "pingpong",
+        "--window",
+        "64",
+    ];
+    args.extend_from_slice(&ONE_SECOND);
+    let (results, _) = bench(addr, &args);
+    let r = &results[0];
+    assert_eq!(r["session"], true, "{r}");
+    assert_latencies(r);
+    // Past the window: the server got our ACKs (piggy-backed on the pingpong's writes) and
+    // kept echoing. Without them it stops after 4,096 echoes. (At 64 in flight, even a
+    // heavily loaded machine does several times that in a second.)
+    let round_trips = r["round_trips"].as_u64().unwrap();
+    assert!(round_trips > 2 * SERVER_WINDOW, "stalled? {r}");
+}
+
+#[test]
+fn sessions_in_sink_and_broadcast_modes() {
+    let (_server, addr) = serve(&["--protocol", "sockframe", "--discard"]);
+    let mut args = vec!["--protocol", "sockframe", "--session", "--conns", "2"];
+    args.extend_from_slice(&SHORT);
+    let (results, _) = bench(addr, &args);
+    let r = &results[0];
+    assert_eq!(
+        (&r["mode"], &r["session"]),
+        (&"throughput".into(), &true.into())
+    );
+    assert!(r["messages"].as_u64().unwrap() > 0, "{r}");
+    drop(_server);
+
+    // Readers write nothing but pongs, so they acknowledge when the server asks
+    // (ACK_REQUEST at half its window). Each reader is within 512 messages of the others;
+    // more than this many deliveries means every reader got past the window.
+    let (_server, addr) = serve(&["--protocol", "sockframe", "--fanout"]);
+    let mut args = vec![
+        "--protocol",
+        "sockframe",
+        "--session",
+        "--mode",
+        "broadcast",
+        "--conns",
+        "3",
+    ];
+    args.extend_from_slice(&ONE_SECOND);
+    let (results, _) = bench(addr, &args);
+    let r = &results[0];
+    assert_eq!(r["session"], true, "{r}");
+    let deliveries = r["deliveries"].as_u64().unwrap();
+    assert!(deliveries > 3 * (SERVER_WINDOW + 1024), "stalled? {r}");
+}
+
+#[test]
+fn sessions_need_the_protocol_and_a_server_that_grants_them() {
+    let error = bench_error("127.0.0.1:9", &["--session"]);
+    assert!(error.contains("--protocol sockframe"), "{error}");
+    let (_server, addr) = serve(&[
+        "--protocol",
+        "sockframe",
+        "--discard",
+        "--session-grace",
+        "0s",
+    ]);
+    let mut args = vec!["--protocol", "sockframe", "--session"];
+    args.extend_from_slice(&SHORT);
+    let error = bench_error(&addr.to_string(), &args);
+    assert!(error.contains("no session"), "{error}");
 }
 
 #[test]

@@ -85,6 +85,10 @@ pub struct Args {
     /// Disconnect clients that send no message for this long [default: off]
     #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Disconnect a client whose frame, once begun, is not complete within this long
+    /// ("0s" turns the check off)
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse::duration)]
+    frame_timeout: std::time::Duration,
     /// Keep the lossless session of a client whose connection dropped this long, for it to
     /// resume without losing a message ("0s" turns sessions off)
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse::duration)]
@@ -197,6 +201,7 @@ pub async fn run(args: Args) -> Result<()> {
         ..Default::default()
     });
     config.idle_timeout = args.idle_timeout;
+    config.frame_timeout = (!args.frame_timeout.is_zero()).then_some(args.frame_timeout);
     config.session_grace = (!args.session_grace.is_zero()).then_some(args.session_grace);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let tls = sockframe::tls::ServerTls::from_files(cert, key, args.client_ca.clone())?;

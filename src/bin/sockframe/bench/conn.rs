@@ -83,6 +83,8 @@ pub struct Connector {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// The hello frame (sockframe protocol), built once.
     hello: Option<Arc<[u8]>>,
+    /// Whether the hello asks for a lossless session.
+    session: bool,
 }
 
 /// TLS settings of `sockframe bench`.
@@ -104,6 +106,9 @@ impl Connector {
         if token.is_some() && wire.protocol == Protocol::Tutorial {
             bail!("--token needs --protocol sockframe: the tutorial framing cannot carry it");
         }
+        if wire.session && wire.protocol == Protocol::Tutorial {
+            bail!("--session needs --protocol sockframe: the tutorial framing has no sessions");
+        }
         let tls = if tls.enabled {
             let client = ClientTls::new(&ClientTlsOptions {
                 ca: tls.ca.clone(),
@@ -121,12 +126,13 @@ impl Connector {
         };
         let hello = match wire.protocol {
             Protocol::Tutorial => None,
-            Protocol::Sockframe => Some(wire::hello(token)?.into()),
+            Protocol::Sockframe => Some(wire::hello(token, wire.session)?.into()),
         };
         Ok(Connector {
             addr: addr.to_string(),
             tls,
             hello,
+            session: wire.session,
         })
     }
 
@@ -152,7 +158,7 @@ impl Connector {
             stream.write_all(hello).await?;
             stream.flush().await?;
             loop {
-                if let Some(_heartbeat_ms) = wire::take_welcome(&mut inbuf)? {
+                if let Some(_heartbeat_ms) = wire::take_welcome(&mut inbuf, self.session)? {
                     break;
                 }
                 if stream.read_buf(&mut inbuf).await? == 0 {

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, Stream};
-use super::wire::{Incoming, Wire};
+use super::wire::{self, Acks, Incoming, Wire};
 use crate::peer::Protocol;
 
 /// Frames for small messages are batched into writes of about this many bytes.
@@ -112,6 +112,7 @@ pub async fn round_trips(
     let mut next_id = 0u64;
     let mut out = Vec::with_capacity(window.min(4096) * (wire.message_len(size) + 16));
     let mut written = 0;
+    let mut acks = Acks::new(wire.session);
     let mut queue = |out: &mut Vec<u8>, in_flight: &mut VecDeque<(u64, Instant)>, now| {
         if requests {
             wire.put_request(out, next_id, &body);
@@ -126,12 +127,17 @@ pub async fn round_trips(
     for _ in 0..window {
         queue(&mut out, &mut in_flight, now);
     }
+    // Frames queued so far: the server cannot acknowledge more.
+    let mut queued = window as u64;
     loop {
         // What the handshake left over (or the previous read) is parsed first.
         let now = Instant::now();
         let record = shared.recording.load(Ordering::Relaxed);
         let mut done = 0;
         wire.take_frames(&mut inbuf, |incoming| {
+            if acks.see(&incoming)? {
+                return Ok(());
+            }
             let t0 = match incoming {
                 Incoming::Message(len) if !requests => {
                     if len != size {
@@ -164,7 +170,7 @@ pub async fn round_trips(
                     wire.put_pong(&mut out, nonce);
                     return Ok(());
                 }
-                Incoming::Ignored => return Ok(()),
+                Incoming::Ignored | Incoming::Ack(_) | Incoming::AckRequest => return Ok(()),
                 Incoming::Message(_) => bail!("got a message while waiting for responses"),
                 Incoming::Response { .. } => bail!("got a response to a request never sent"),
             };
@@ -179,6 +185,16 @@ pub async fn round_trips(
         if record {
             shared.messages.fetch_add(done, Ordering::Relaxed);
         }
+        queued += done;
+        if acks.peer_acked() > queued {
+            bail!(
+                "the server acknowledged {} frames, {queued} were sent",
+                acks.peer_acked()
+            );
+        }
+        // The next frames are going out anyway: the acknowledgement rides along.
+        let busy = !out.is_empty();
+        acks.put_due(&mut out, busy);
         let read = tokio::select! {
             () = shared.stop.cancelled() => return Ok(hist),
             read = exchange(&mut stream, &mut out, &mut written, &mut inbuf, READ_CHUNK) => read,
@@ -204,6 +220,10 @@ pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Share
     let (mut rd, mut wr) = tokio::io::split(stream);
     // The reader asks the writer for a pong: the nonce, and whether one is due.
     let pong = (AtomicBool::new(false), AtomicU64::new(0));
+    // In a session, the reader tells the writer what it has received and whether the
+    // server asked for an acknowledgement; the writer sends it after its next batch.
+    let ack = (AtomicBool::new(false), AtomicU64::new(0));
+    let mut acks = Acks::new(wire.session);
     let drain = async {
         match wire.protocol {
             // Nothing to answer: read and drop without parsing.
@@ -216,12 +236,19 @@ pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Share
                     inbuf.reserve(READ_CHUNK);
                 }
                 wire.take_frames(&mut inbuf, |incoming| {
+                    acks.see(&incoming)?;
                     if let Incoming::Ping(nonce) = incoming {
                         pong.1.store(nonce, Ordering::Relaxed);
                         pong.0.store(true, Ordering::Relaxed);
                     }
                     Ok(())
                 })?;
+                if wire.session {
+                    ack.1.store(acks.received(), Ordering::Relaxed);
+                    if acks.take_requested() {
+                        ack.0.store(true, Ordering::Release);
+                    }
+                }
                 if rd.read_buf(&mut inbuf).await? == 0 {
                     break;
                 }
@@ -230,7 +257,15 @@ pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Share
         // The server closed its side; keep writing until our write fails or we stop.
         std::future::pending::<Result<()>>().await
     };
-    let write = write_batches(&mut wr, wire, &batch, per_batch as u64, &pong, &shared);
+    let write = write_batches(
+        &mut wr,
+        wire,
+        &batch,
+        per_batch as u64,
+        &pong,
+        &ack,
+        &shared,
+    );
     let result: Result<()> = tokio::select! {
         () = shared.stop.cancelled() => Ok(()),
         r = drain => r,
@@ -245,22 +280,37 @@ pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Share
 }
 
 /// The writing half of [`flat_out`]: `batch` (holding `per_batch` messages) again and again,
-/// and a pong after a batch when the reader saw a ping.
+/// and after a batch a pong when the reader saw a ping and, in a session, an `ACK` when the
+/// reader's count moved or the server asked for one (`ack`: asked, count).
 async fn write_batches(
     wr: &mut (impl AsyncWrite + Unpin),
     wire: Wire,
     batch: &[u8],
     per_batch: u64,
     pong: &(AtomicBool, AtomicU64),
+    ack: &(AtomicBool, AtomicU64),
     shared: &Shared,
 ) -> io::Result<()> {
     let mut extra = Vec::new();
+    let mut acked = 0;
     loop {
         wr.write_all(batch).await?;
         shared.messages.fetch_add(per_batch, Ordering::Relaxed);
+        extra.clear();
         if pong.0.swap(false, Ordering::Relaxed) {
-            extra.clear();
             wire.put_pong(&mut extra, pong.1.load(Ordering::Relaxed));
+        }
+        if wire.session {
+            // The flag first: the reader stores the count before raising it, so the count
+            // read after it is at least the one the request was answered for.
+            let asked = ack.0.swap(false, Ordering::Acquire);
+            let received = ack.1.load(Ordering::Relaxed);
+            if asked || received != acked {
+                wire::put_ack(&mut extra, received);
+                acked = received;
+            }
+        }
+        if !extra.is_empty() {
             wr.write_all(&extra).await?;
         }
     }
@@ -341,9 +391,11 @@ pub async fn receive(
     } = conn;
     let mut out = Vec::new();
     let mut written = 0;
+    let mut acks = Acks::new(wire.session);
     loop {
         let mut n = 0;
         wire.take_frames(&mut inbuf, |incoming| {
+            acks.see(&incoming)?;
             match incoming {
                 Incoming::Message(_) => n += 1,
                 Incoming::Ping(nonce) => wire.put_pong(&mut out, nonce),
@@ -355,6 +407,9 @@ pub async fn receive(
             mine.fetch_add(n, Ordering::Relaxed);
             shared.messages.fetch_add(n, Ordering::Relaxed);
         }
+        // Readers write only pongs: they acknowledge when asked, or with a pong.
+        let busy = !out.is_empty();
+        acks.put_due(&mut out, busy);
         let read = tokio::select! {
             () = shared.stop.cancelled() => return Ok(()),
             read = exchange(&mut stream, &mut out, &mut written, &mut inbuf, chunk) => read,

@@ -24,7 +24,11 @@
 //!   for measuring what an idle connection costs the server.
 //!
 //! In the sockframe protocol every connection opens with a hello (and `--token`), and
-//! answers the server's pings. `--size` takes a list (`64,1KiB,1MiB`) to run one measurement
+//! answers the server's pings. With `--session` the hello asks for a lossless session, and
+//! every connection counts the application frames it receives and acknowledges them: with
+//! each write it makes anyway when the count moved (piggy-backed, as the library does), and
+//! at once when the server sends `ACK_REQUEST`. It keeps no copy of what it sends (it never
+//! resumes), so it needs no window of its own; the server's `ACK`s are only checked. `--size` takes a list (`64,1KiB,1MiB`) to run one measurement
 //! per size (a sweep). Counting starts after `--warmup`. A progress line is shown on stderr
 //! while running when stderr is a terminal; `--json` prints each result as one JSON object
 //! per line on stdout; `--plot FILE.svg` draws the latency distribution (round-trip modes)
@@ -79,6 +83,10 @@ pub struct Args {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// Ask for a lossless session (sockframe protocol): count the application frames
+    /// received and acknowledge them (with every write, and whenever the server asks)
+    #[arg(long)]
+    session: bool,
     /// Connect with TLS, verifying the server against the system's roots and --ca
     #[arg(long)]
     tls: bool,
@@ -226,9 +234,7 @@ pub async fn run(args: Args) -> Result<()> {
     if args.insecure {
         eprintln!("warning: --insecure: the server's certificate is not verified");
     }
-    let wire = Wire {
-        protocol: args.protocol,
-    };
+    let wire = connector_wire(&args);
     let connector = Connector::new(&args.addr, wire, args.token.as_deref(), &tls)?;
     if args.mode == Mode::Idle {
         return idle(&args, &connector).await;
@@ -254,9 +260,10 @@ pub async fn run(args: Args) -> Result<()> {
 /// What a plot says it shows.
 fn title(args: &Args) -> String {
     format!(
-        "sockframe bench --mode {} --protocol {}{} --conns {}{}",
+        "sockframe bench --mode {} --protocol {}{}{} --conns {}{}",
         args.mode.name(),
         protocol_name(args.protocol),
+        if args.session { " --session" } else { "" },
         if args.tls || args.ca.is_some() || args.insecure {
             " --tls"
         } else {
@@ -292,6 +299,7 @@ async fn idle(args: &Args, connector: &Connector) -> Result<()> {
     let result = json_object(&[
         ("mode", "idle".into()),
         ("protocol", protocol_name(args.protocol).into()),
+        ("session", args.session.into()),
         ("addr", args.addr.clone().into()),
         ("conns", args.conns.into()),
         ("connect_s", connect_time.as_secs_f64().into()),
@@ -312,6 +320,7 @@ async fn idle(args: &Args, connector: &Connector) -> Result<()> {
 fn connector_wire(args: &Args) -> Wire {
     Wire {
         protocol: args.protocol,
+        session: args.session,
     }
 }
 
@@ -502,6 +511,7 @@ fn report(args: &Args, o: &Outcome) -> Result<()> {
     let mut fields: Vec<(&str, Value)> = vec![
         ("mode", args.mode.name().into()),
         ("protocol", protocol_name(args.protocol).into()),
+        ("session", args.session.into()),
         ("tls", tls.into()),
         ("addr", args.addr.clone().into()),
         ("conns", args.conns.into()),

@@ -9,7 +9,9 @@
 
 use anyhow::{Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
-use sockframe::protocol::message::{self, Frame, Head, Hello, Kind, frame_type};
+use sockframe::protocol::message::{
+    self, Frame, Head, Hello, Kind, SessionGrant, SessionRequest, frame_type,
+};
 
 use crate::peer::Protocol;
 
@@ -31,6 +33,10 @@ pub enum Incoming {
     },
     /// A ping, to be answered with a pong of the same nonce.
     Ping(u64),
+    /// In a session: the server has received this many of our application frames.
+    Ack(u64),
+    /// In a session: the server asks for an `ACK` of what we have received.
+    AckRequest,
     /// Anything else that needs no answer (a pong, an extension frame).
     Ignored,
 }
@@ -40,6 +46,9 @@ pub enum Incoming {
 pub struct Wire {
     /// Tutorial framing, or the sockframe protocol.
     pub protocol: Protocol,
+    /// Whether connections ask for a lossless session (sockframe protocol only) and
+    /// acknowledge what they receive.
+    pub session: bool,
 }
 
 impl Wire {
@@ -120,6 +129,99 @@ impl Wire {
     }
 }
 
+/// Appends `ACK count`. Built by hand (13 bytes, no allocation): it goes out with most
+/// writes of a session; `acks_match_the_library` checks it against `message::encode`.
+pub fn put_ack(out: &mut Vec<u8>, count: u64) {
+    out.extend_from_slice(&9u32.to_le_bytes());
+    out.push(frame_type::ACK);
+    out.extend_from_slice(&count.to_le_bytes());
+}
+
+/// The acknowledging side of a lossless session, for a load loop: counts the application
+/// frames received (messages and responses), and says when an `ACK` is due. Without a
+/// session it counts nothing and never asks for an `ACK`.
+#[derive(Debug, Default)]
+pub struct Acks {
+    /// Whether the connection is in a session.
+    on: bool,
+    /// Application frames received in the session.
+    received: u64,
+    /// The count last sent in an `ACK`.
+    sent: u64,
+    /// The server asked for an `ACK` (`ACK_REQUEST`) that is not sent yet.
+    requested: bool,
+    /// The highest count the server has acknowledged (they never go backwards).
+    peer_acked: u64,
+}
+
+impl Acks {
+    /// Acknowledgements for a connection in a session (`on`), or none.
+    pub fn new(on: bool) -> Self {
+        Acks {
+            on,
+            ..Acks::default()
+        }
+    }
+
+    /// Takes one incoming frame into account: counts messages and responses, remembers an
+    /// `ACK_REQUEST`, and checks the server's `ACK`s (cumulative: never backwards). Returns
+    /// whether the frame was a session frame, which needs nothing more.
+    #[inline]
+    pub fn see(&mut self, incoming: &Incoming) -> Result<bool> {
+        match *incoming {
+            Incoming::Message(_) | Incoming::Response { .. } => {
+                self.received += 1;
+                Ok(false)
+            }
+            Incoming::AckRequest if self.on => {
+                self.requested = true;
+                Ok(true)
+            }
+            Incoming::Ack(n) if self.on => {
+                if n < self.peer_acked {
+                    bail!(
+                        "the server's acknowledgement went backwards ({n} after {})",
+                        self.peer_acked
+                    );
+                }
+                self.peer_acked = n;
+                Ok(true)
+            }
+            Incoming::Ack(_) | Incoming::AckRequest => {
+                bail!("the server sent a session frame outside a session")
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Appends an `ACK` when one is due: asked for, or (`piggy_back`: something else goes
+    /// out in the same write) when the count moved since the last one.
+    #[inline]
+    pub fn put_due(&mut self, out: &mut Vec<u8>, piggy_back: bool) {
+        if self.on && (self.requested || (piggy_back && self.received != self.sent)) {
+            put_ack(out, self.received);
+            self.sent = self.received;
+            self.requested = false;
+        }
+    }
+
+    /// Whether the server asked for an `ACK` since the last call (for a writer elsewhere
+    /// to send it).
+    pub fn take_requested(&mut self) -> bool {
+        std::mem::take(&mut self.requested)
+    }
+
+    /// The highest count of our frames the server has acknowledged.
+    pub fn peer_acked(&self) -> u64 {
+        self.peer_acked
+    }
+
+    /// Application frames received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+}
+
 /// Appends `payload` as one tutorial frame.
 pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -131,6 +233,11 @@ pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
 fn typed(payload: &[u8]) -> Result<Incoming> {
     match payload {
         [frame_type::BINARY | frame_type::TEXT, body @ ..] => Ok(Incoming::Message(body.len())),
+        // Session frames come often (every 64 frames, on request): no parser, no copy.
+        [frame_type::ACK, count @ ..] if count.len() == 8 => Ok(Incoming::Ack(u64::from_le_bytes(
+            count.try_into().expect("8 bytes"),
+        ))),
+        [frame_type::ACK_REQUEST] => Ok(Incoming::AckRequest),
         // A successful response: id u64, status 0, body kind, body. (Errors go to `parse`.)
         [frame_type::RESPONSE, rest @ ..] if rest.len() >= MAX_HEAD - 1 && rest[8] == 0 => {
             Ok(Incoming::Response {
@@ -153,14 +260,18 @@ fn typed(payload: &[u8]) -> Result<Incoming> {
     }
 }
 
-/// The hello this generator opens a sockframe connection with.
-pub fn hello(token: Option<&str>) -> Result<Vec<u8>> {
-    let hello = Hello::new(
+/// The hello this generator opens a sockframe connection with, asking for a new lossless
+/// session if `session`.
+pub fn hello(token: Option<&str>, session: bool) -> Result<Vec<u8>> {
+    let mut hello = Hello::new(
         "sockframe-bench",
         token
             .map(|t| Bytes::copy_from_slice(t.as_bytes()))
             .unwrap_or_default(),
     );
+    if session {
+        hello.session = SessionRequest::New;
+    }
     hello.check()?;
     let mut out = Vec::new();
     put_frame(&mut out, &message::encode_hello(&hello));
@@ -168,8 +279,9 @@ pub fn hello(token: Option<&str>) -> Result<Vec<u8>> {
 }
 
 /// Takes the server's answer to the hello from the start of `buf`: `Ok(None)` while it is
-/// incomplete, the welcome's heartbeat interval (ms) once accepted, an error when rejected.
-pub fn take_welcome(buf: &mut BytesMut) -> Result<Option<u32>> {
+/// incomplete, the welcome's heartbeat interval (ms) once accepted, an error when rejected
+/// or when a session was asked for (`session`) and not granted.
+pub fn take_welcome(buf: &mut BytesMut, session: bool) -> Result<Option<u32>> {
     let Some(header) = buf.first_chunk::<4>() else {
         return Ok(None);
     };
@@ -185,7 +297,15 @@ pub fn take_welcome(buf: &mut BytesMut) -> Result<Option<u32>> {
     buf.advance(4);
     let payload = buf.split_to(len).freeze();
     match message::parse(&payload) {
-        Ok(Frame::Welcome(w)) => Ok(Some(w.heartbeat_ms)),
+        Ok(Frame::Welcome(w)) => match w.session {
+            SessionGrant::New(_) => Ok(Some(w.heartbeat_ms)),
+            // Not granted: the server has sessions off (`serve --session-grace 0s`).
+            SessionGrant::None if session => {
+                bail!("the server granted no session (are sessions off on the server?)")
+            }
+            SessionGrant::None => Ok(Some(w.heartbeat_ms)),
+            SessionGrant::Resumed { .. } => bail!("the server resumed a session never asked for"),
+        },
         Ok(Frame::Reject { code, text }) => bail!("the server rejected the hello: {code}: {text}"),
         Ok(other) => bail!("expected a welcome, got {other:?}"),
         Err(e) => bail!(
@@ -200,9 +320,11 @@ mod tests {
 
     const SF: Wire = Wire {
         protocol: Protocol::Sockframe,
+        session: false,
     };
     const TUT: Wire = Wire {
         protocol: Protocol::Tutorial,
+        session: false,
     };
 
     fn take(wire: Wire, buf: &mut BytesMut) -> Vec<Incoming> {
@@ -313,7 +435,7 @@ mod tests {
 
     #[test]
     fn handshake_answers() {
-        let hello = hello(Some("t0k")).unwrap();
+        let hello = hello(Some("t0k"), false).unwrap();
         assert!(message::is_hello(&hello[4..]));
         assert_eq!(
             message::parse_hello(&hello[4..]).unwrap().token,
@@ -331,11 +453,14 @@ mod tests {
             })),
         );
         let mut buf = BytesMut::from(&welcome[..welcome.len() - 1]);
-        assert_eq!(take_welcome(&mut buf).unwrap(), None);
+        assert_eq!(take_welcome(&mut buf, false).unwrap(), None);
         buf.extend_from_slice(&welcome[welcome.len() - 1..]);
         buf.extend_from_slice(b"rest");
-        assert_eq!(take_welcome(&mut buf).unwrap(), Some(5000));
+        assert_eq!(take_welcome(&mut buf, false).unwrap(), Some(5000));
         assert_eq!(&buf[..], b"rest");
+        // Asked for a session, granted none.
+        let err = take_welcome(&mut BytesMut::from(&welcome[..]), true).unwrap_err();
+        assert!(err.to_string().contains("no session"), "{err}");
 
         let mut reject = Vec::new();
         put_frame(
@@ -345,7 +470,84 @@ mod tests {
                 text: "no".into(),
             }),
         );
-        let err = take_welcome(&mut BytesMut::from(&reject[..])).unwrap_err();
+        let err = take_welcome(&mut BytesMut::from(&reject[..]), false).unwrap_err();
         assert!(err.to_string().contains("unauthorized"), "{err}");
+    }
+
+    #[test]
+    fn sessions_ask_and_are_granted() {
+        let hello = hello(None, true).unwrap();
+        assert_eq!(
+            message::parse_hello(&hello[4..]).unwrap().session,
+            SessionRequest::New
+        );
+        let mut welcome = Vec::new();
+        put_frame(
+            &mut welcome,
+            &message::encode(&Frame::Welcome(message::Welcome {
+                version: 1,
+                client_id: 7,
+                max_frame: 1 << 20,
+                heartbeat_ms: 5000,
+                session: SessionGrant::New(message::SessionToken::new(7, [1; 16])),
+            })),
+        );
+        let mut buf = BytesMut::from(&welcome[..]);
+        assert_eq!(take_welcome(&mut buf, true).unwrap(), Some(5000));
+    }
+
+    #[test]
+    fn acks_match_the_library() {
+        let mut out = Vec::new();
+        put_ack(&mut out, 258);
+        let mut lib = Vec::new();
+        put_frame(&mut lib, &message::encode(&Frame::Ack(258)));
+        assert_eq!(out, lib);
+
+        let mut buf = BytesMut::new();
+        put_frame(&mut out, &message::encode(&Frame::AckRequest));
+        SF.put_message(&mut out, b"m");
+        buf.extend_from_slice(&out);
+        assert_eq!(
+            take(SF, &mut buf),
+            [
+                Incoming::Ack(258),
+                Incoming::AckRequest,
+                Incoming::Message(1)
+            ]
+        );
+    }
+
+    #[test]
+    fn acks_count_answer_and_piggy_back() {
+        let mut acks = Acks::new(true);
+        let mut out = Vec::new();
+        assert!(!acks.see(&Incoming::Message(3)).unwrap());
+        assert!(!acks.see(&Incoming::Response { id: 1, len: 0 }).unwrap());
+        assert!(!acks.see(&Incoming::Ping(1)).unwrap());
+        assert_eq!(acks.received(), 2);
+        // Nothing asked and nothing else going out: no ACK.
+        acks.put_due(&mut out, false);
+        assert!(out.is_empty());
+        // With a write going out anyway, the moved count rides along once.
+        acks.put_due(&mut out, true);
+        acks.put_due(&mut out, true);
+        let mut want = Vec::new();
+        put_ack(&mut want, 2);
+        assert_eq!(out, want);
+        // Asked for: sent even when the count did not move.
+        assert!(acks.see(&Incoming::AckRequest).unwrap());
+        acks.put_due(&mut out, false);
+        assert_eq!(out.len(), 2 * want.len());
+        // The server's ACKs are checked.
+        assert!(acks.see(&Incoming::Ack(5)).unwrap());
+        assert_eq!(acks.peer_acked(), 5);
+        assert!(acks.see(&Incoming::Ack(4)).is_err());
+        // Outside a session, session frames are errors and nothing is ever due.
+        let mut none = Acks::new(false);
+        assert!(none.see(&Incoming::AckRequest).is_err());
+        none.see(&Incoming::Message(1)).unwrap();
+        none.put_due(&mut out, true);
+        assert_eq!(out.len(), 2 * want.len());
     }
 }
