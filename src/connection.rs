@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::codec::TutorialCodec;
+use crate::handler::Handler;
 use crate::message::Message;
-use crate::outbox::{OutboxReceiver, OutboxSender, Weigh};
+use crate::outbox::{FullPolicy, OutboxReceiver, OutboxSender, TrySendError, Weigh};
 use crate::protocol::frame::{HEADER_LEN, encode_header};
 use crate::protocol::message::{self as wire, Frame, Head, close_code};
 use crate::reason::DisconnectReason;
@@ -409,15 +410,25 @@ pub(crate) struct Traffic {
 }
 
 impl Traffic {
+    // One task at a time writes each direction (the connection's, and a session's next
+    // connection only after it); others only read. A load and a store then count right
+    // without a locked instruction, which per small message is a measurable part of the
+    // receive path.
     fn add_in(&self, len: usize) {
-        self.messages_in.fetch_add(1, Ordering::Relaxed);
-        self.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        bump(&self.messages_in, 1);
+        bump(&self.bytes_in, len as u64);
     }
 
     fn add_out(&self, len: usize) {
-        self.messages_out.fetch_add(1, Ordering::Relaxed);
-        self.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+        bump(&self.messages_out, 1);
+        bump(&self.bytes_out, len as u64);
     }
+}
+
+/// Adds `n` to a counter that only the calling task writes.
+fn bump(counter: &AtomicU64, n: u64) {
+    let v = counter.load(Ordering::Relaxed);
+    counter.store(v.wrapping_add(n), Ordering::Relaxed);
 }
 
 /// What the peer has sent so far, counted as it arrives.
@@ -439,13 +450,11 @@ struct Liveness {
 impl Liveness {
     // One task writes these counters; a load and a store avoid a locked instruction.
     fn frame(&self) {
-        let n = self.frames.load(Ordering::Relaxed);
-        self.frames.store(n.wrapping_add(1), Ordering::Relaxed);
+        bump(&self.frames, 1);
     }
 
     fn message(&self) {
-        let n = self.messages.load(Ordering::Relaxed);
-        self.messages.store(n.wrapping_add(1), Ordering::Relaxed);
+        bump(&self.messages, 1);
     }
 
     fn is_paused(&self) -> bool {
@@ -529,6 +538,20 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) session: Option<&'a mut Session>,
     /// Where file transfer frames go (sockframe mode); `None` makes them a protocol error.
     pub(crate) transfers: Option<&'a crate::transfer::Inbox>,
+    /// Takes the messages instead of `events` (see [`crate::handler`]); what it returns is
+    /// queued into `reply` under `reply_policy`.
+    pub(crate) handler: Option<&'a mut dyn Handler>,
+    /// What a handler's reply does when the outbox is full.
+    pub(crate) reply_policy: FullPolicy,
+}
+
+/// A connection's [`Handler`], and its reply while that waits for room in the outbox.
+struct Handling<'h> {
+    handler: &'h mut dyn Handler,
+    /// Kept outside the read future, like a held frame, so that cancelling that future
+    /// loses no reply: the next call sends it first.
+    reply: Option<Message>,
+    policy: FullPolicy,
 }
 
 /// How a connection run by `drive` ended.
@@ -614,9 +637,20 @@ where
     // Events read but not yet handed over; outside the read future so that dropping that
     // future loses none of them.
     let mut batch: Vec<E> = Vec::new();
+    let mut handling = d.handler.map(|handler| Handling {
+        handler,
+        reply: None,
+        policy: d.reply_policy,
+    });
     let mut clock = d.frame_timeout.map(FrameClock::new);
     let first = {
-        let read = inbound.run(&mut reader, &mut held, &mut batch, &mut clock);
+        let read = inbound.run(
+            &mut reader,
+            &mut held,
+            &mut batch,
+            &mut clock,
+            &mut handling,
+        );
         let write = write_loop(
             &mut writer,
             d.outbox,
@@ -693,7 +727,13 @@ where
                 let finish = async {
                     // Keep reading while draining, so a peer that is blocked writing to us
                     // can make progress and read what we send.
-                    let read = inbound.run(&mut reader, &mut held, &mut batch, &mut clock);
+                    let read = inbound.run(
+                        &mut reader,
+                        &mut held,
+                        &mut batch,
+                        &mut clock,
+                        &mut handling,
+                    );
                     let drain = async {
                         drain(&mut writer, d.outbox, d.traffic, d.mode).await?;
                         if d.mode == Mode::Sockframe {
@@ -836,8 +876,15 @@ where
         held: &mut Option<Bytes>,
         batch: &mut Vec<E>,
         clock: &mut Option<FrameClock>,
+        handling: &mut Option<Handling<'_>>,
     ) -> DisconnectReason {
         loop {
+            if let Some(h) = handling.as_mut()
+                && h.reply.is_some()
+                && let Err(reason) = self.send_reply(h).await
+            {
+                return reason;
+            }
             if held.is_none() {
                 // Frames already complete in the buffer join the batch without waiting;
                 // before waiting for more bytes, the batch is handed over.
@@ -870,14 +917,24 @@ where
                 }
             }
             let raw = held.as_ref().expect("held frame");
-            if self.refuse_late_hello.swap(false, Ordering::Relaxed) && wire::is_hello(raw) {
-                return DisconnectReason::Protocol(
-                    "a hello arrived after the detection timeout; the connection had been \
+            // Loaded before it is cleared: a swap per frame would be a locked instruction.
+            if self.refuse_late_hello.load(Ordering::Relaxed) {
+                self.refuse_late_hello.store(false, Ordering::Relaxed);
+                if wire::is_hello(raw) {
+                    return DisconnectReason::Protocol(
+                        "a hello arrived after the detection timeout; the connection had been \
                      taken for a tutorial client"
-                        .into(),
-                );
+                            .into(),
+                    );
+                }
             }
             if self.mode == Mode::Tutorial {
+                if let Some(h) = handling.as_mut() {
+                    if let Err(reason) = self.handle(h, held, None, batch).await {
+                        return reason;
+                    }
+                    continue;
+                }
                 if self.waits(batch) {
                     let (event, len) =
                         ((self.on_message)(Message::untyped(raw.clone())), raw.len());
@@ -895,21 +952,20 @@ where
             }
             // Messages, most of the traffic, take the frame by value instead of parsing a
             // second reference to it.
-            if let Some(kind) = wire::message_kind(raw)
+            let kind = wire::message_kind(raw);
+            if let (Some(kind), Some(h)) = (kind, handling.as_mut()) {
+                if let Err(reason) = self.handle(h, held, Some(kind), batch).await {
+                    return reason;
+                }
+                continue;
+            }
+            if let Some(kind) = kind
                 && !self.waits(batch)
             {
-                let frame = held.take().expect("held frame");
-                let body = match wire::into_message_body(frame, kind) {
+                let body = match self.message_body(held, kind) {
                     Ok(body) => body,
-                    Err(e) => return DisconnectReason::Protocol(e.to_string()),
+                    Err(reason) => return reason,
                 };
-                if body.len() > self.max_body {
-                    let e = crate::protocol::FrameError::TooLarge {
-                        len: body.len(),
-                        max: self.max_body,
-                    };
-                    return DisconnectReason::Protocol(e.to_string());
-                }
                 let len = body.len();
                 self.accept(
                     held,
@@ -1078,15 +1134,97 @@ where
         }
     }
 
-    /// Adds an application event to the batch, applying the rate limit first; then the
-    /// held frame is done. A full batch is handed over at once.
-    async fn deliver(
+    /// The body of the held message frame of `kind`, taken by value (see
+    /// [`wire::into_message_body`]) and checked against the size limit.
+    fn message_body(
         &self,
         held: &mut Option<Bytes>,
-        event: E,
-        len: usize,
+        kind: wire::Kind,
+    ) -> Result<Bytes, DisconnectReason> {
+        let frame = held.take().expect("held frame");
+        let body = wire::into_message_body(frame, kind)
+            .map_err(|e| DisconnectReason::Protocol(e.to_string()))?;
+        if body.len() > self.max_body {
+            let e = crate::protocol::FrameError::TooLarge {
+                len: body.len(),
+                max: self.max_body,
+            };
+            return Err(DisconnectReason::Protocol(e.to_string()));
+        }
+        Ok(body)
+    }
+
+    /// Gives the held message frame (of `kind`; `None` for the tutorial framing) to the
+    /// connection's handler, after the rate limit and after the events read before it,
+    /// then queues the handler's reply.
+    async fn handle(
+        &self,
+        h: &mut Handling<'_>,
+        held: &mut Option<Bytes>,
+        kind: Option<wire::Kind>,
         batch: &mut Vec<E>,
     ) -> Result<(), DisconnectReason> {
+        // (The checks around the calls keep the common case free of a future's setup.)
+        // Requests read before this message reach the application first; a session's
+        // count then stays in order too (it counts a frame once the application has it).
+        if !batch.is_empty() {
+            self.flush(batch).await;
+        }
+        // Last before the message is taken: no wait comes between a token taken from the
+        // rate limit and the message it admits.
+        if self.bucket.is_some() {
+            self.limit(batch).await?;
+        }
+        let message = match kind {
+            None => Message::untyped(held.take().expect("held frame")),
+            Some(kind) => Message::from_wire(kind, self.message_body(held, kind)?),
+        };
+        let len = message.len();
+        if let Some(acks) = self.acks {
+            acks.add_bytes(len);
+        }
+        self.traffic.add_in(len);
+        self.liveness.message();
+        h.reply = h.handler.message(message);
+        if let Some(acks) = self.acks {
+            acks.received_one();
+        }
+        if h.reply.is_none() {
+            return Ok(());
+        }
+        self.send_reply(h).await
+    }
+
+    /// Queues the handler's reply, if it has one, into this connection's outbox.
+    async fn send_reply(&self, h: &mut Handling<'_>) -> Result<(), DisconnectReason> {
+        let Some(reply) = &h.reply else {
+            return Ok(());
+        };
+        // A clone (one reference count) goes: the reply stays in `h` until it is queued.
+        let sent = match self.reply.try_send(Outgoing::Message(reply.clone())) {
+            Err(TrySendError::Full) if h.policy == FullPolicy::Wait => {
+                // Not reading meanwhile is the point: the peer is slowed down by TCP.
+                self.liveness.paused.store(true, Ordering::Relaxed);
+                let sent = self.reply.send(Outgoing::Message(reply.clone())).await;
+                self.liveness.paused.store(false, Ordering::Relaxed);
+                self.liveness.frame();
+                sent
+            }
+            sent => sent,
+        };
+        match sent {
+            // Closed: the connection is ending and its writer gone; so is the reply.
+            Ok(()) | Err(TrySendError::Closed) => {
+                h.reply = None;
+                Ok(())
+            }
+            Err(TrySendError::Full) => Err(DisconnectReason::SlowConsumer),
+        }
+    }
+
+    /// Waits as the rate limit says before the next message, handing over what came
+    /// within the limit first; or fails when the limit disconnects.
+    async fn limit(&self, batch: &mut Vec<E>) -> Result<(), DisconnectReason> {
         if let Some(bucket) = &self.bucket {
             loop {
                 let (wait, action) = {
@@ -1106,6 +1244,19 @@ where
                 self.liveness.frame();
             }
         }
+        Ok(())
+    }
+
+    /// Adds an application event to the batch, applying the rate limit first; then the
+    /// held frame is done. A full batch is handed over at once.
+    async fn deliver(
+        &self,
+        held: &mut Option<Bytes>,
+        event: E,
+        len: usize,
+        batch: &mut Vec<E>,
+    ) -> Result<(), DisconnectReason> {
+        self.limit(batch).await?;
         self.accept(held, event, len, batch);
         if batch.len() >= MAX_BATCH {
             self.flush(batch).await;

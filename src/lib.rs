@@ -13,6 +13,8 @@
 //!   any async byte stream; batching of writes lives here.
 //! - [`server`]: [`Server`](server::Server): accept loop, client registry, event stream,
 //!   send / broadcast / disconnect, graceful shutdown.
+//! - [`handler`]: [`Handler`]: per-client message handling inside the connection's task,
+//!   for servers that answer or count small messages without a hop to the event stream.
 //! - [`client`]: [`Client`](client::Client): connect with backoff, automatic reconnect,
 //!   send and receive.
 //! - `session` (internal): lossless sessions: application frames counted and acknowledged,
@@ -69,6 +71,7 @@ pub mod client;
 pub mod codec;
 pub mod connection;
 mod error;
+pub mod handler;
 mod message;
 mod outbox;
 pub mod protocol;
@@ -82,6 +85,7 @@ pub mod transfer;
 
 pub use connection::{Heartbeat, Mode, RateAction, RateLimit};
 pub use error::Error;
+pub use handler::Handler;
 pub use message::{Message, MessageKind};
 pub use outbox::{FullPolicy, OutboxLimits};
 pub use reason::DisconnectReason;

@@ -625,6 +625,8 @@ async fn run(
                 rate_limit: None,
                 session: session.as_mut(),
                 transfers: (config.protocol == Mode::Sockframe).then(|| transfers.inbox()),
+                handler: None,
+                reply_policy: crate::FullPolicy::Wait,
             },
         )
         .await;

@@ -107,12 +107,24 @@ impl SessionKey {
 }
 
 /// A session with no connection: what the next connection takes over.
-#[derive(Debug)]
 pub(crate) struct Parked {
     pub(crate) session: Session,
     pub(crate) outbox: OutboxReceiver,
     /// Keeps the client registered while it is away.
     pub(crate) registration: Registration,
+    /// The client's message handler, kept with its state for the next connection.
+    pub(crate) handler: Option<Box<dyn crate::handler::Handler>>,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("session", &self.session)
+            .field("outbox", &self.outbox)
+            .field("registration", &self.registration)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
 }
 
 impl ClientHandle {

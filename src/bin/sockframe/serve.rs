@@ -11,6 +11,9 @@
 //!
 //! With `--discard`, `--echo` or `--fanout` (targets for `sockframe bench`), messages are
 //! counted instead of printed: a rate per second on stderr, and totals when the server stops.
+//! `--discard` and `--echo` count (and echo) with a message handler in each connection's
+//! task (`Server::bind_with_handler`, the library's fast path); `--events` makes them take
+//! messages from the event stream instead, as an application reading `ServerEvents` does.
 //!
 //! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
 //! `send-file <id> <path>`, `help`. The text is sent as typed, byte for byte (no escapes
@@ -21,12 +24,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sockframe::FullPolicy;
 use sockframe::server::{ClientId, ClientInfo, ProtocolMode, Server, ServerConfig, ServerEvent};
+use sockframe::{FullPolicy, Message};
 use tokio::sync::mpsc;
 
 use crate::input::{self, Line};
@@ -127,6 +132,11 @@ pub struct Args {
     /// up is disconnected as a slow consumer)
     #[arg(long, group = "load")]
     fanout: bool,
+    /// With --discard or --echo: take messages from the event stream, as an application
+    /// reading `ServerEvents` does, instead of with a handler in each connection's task
+    /// (the library's fastest path, and the default)
+    #[arg(long)]
+    events: bool,
 }
 
 /// `--protocol` of `serve`.
@@ -217,6 +227,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let mut load = Load::new(&args);
+    let handled = !args.events && matches!(load.mode, Some(LoadMode::Discard | LoadMode::Echo));
     if args.echo {
         // Never wait on one client's queue here: while this loop waits, no event is taken,
         // and a client that left meanwhile cannot report it and release its queue.
@@ -227,7 +238,12 @@ pub async fn run(args: Args) -> Result<()> {
     // Before the `listening on` line: whoever reads it may signal us right away.
     let mut signals = Signals::new().context("failed to install signal handlers")?;
     // No added context: the library's error already reads "cannot listen on ADDR: ...".
-    let (server, mut events) = Server::bind(config).await?;
+    let (server, mut events) = if handled {
+        let (counts, echo) = (load.counts.clone(), args.echo);
+        Server::bind_with_handler(config, move |_, _| Counter::new(counts.clone(), echo)).await?
+    } else {
+        Server::bind(config).await?
+    };
     eprintln!("listening on {}", server.local_addr());
     if io::IsTerminal::is_terminal(&io::stdin()) {
         eprintln!("{USAGE}");
@@ -328,14 +344,71 @@ enum LoadMode {
     Fanout,
 }
 
-/// Message counts of a benchmark target. Counted here, on the events the application
-/// receives, so they include the library's whole receive path.
+/// Messages and bytes received by a benchmark target.
+#[derive(Debug, Default)]
+struct Counts {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counts {
+    fn add(&self, messages: u64, bytes: u64) {
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The message handler of one connection under `--discard` or `--echo`: counts at the
+/// application's end of the library, as an application's own handler sees the messages.
+/// It adds to the shared counts in steps, because 16 connections adding every message to
+/// one cache line would measure that line's contention instead of the library.
+struct Counter {
+    counts: Arc<Counts>,
+    echo: bool,
+    messages: u64,
+    bytes: u64,
+}
+
+/// Messages a [`Counter`] counts before adding them to the shared counts.
+const COUNT_STEP: u64 = 256;
+
+impl Counter {
+    fn new(counts: Arc<Counts>, echo: bool) -> Self {
+        Counter {
+            counts,
+            echo,
+            messages: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl sockframe::Handler for Counter {
+    fn message(&mut self, message: Message) -> Option<Message> {
+        self.messages += 1;
+        self.bytes += message.len() as u64;
+        if self.messages == COUNT_STEP {
+            self.counts.add(self.messages, self.bytes);
+            (self.messages, self.bytes) = (0, 0);
+        }
+        self.echo.then_some(message)
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        self.counts.add(self.messages, self.bytes);
+    }
+}
+
+/// Message counts of a benchmark target. Counted at the application: by a handler in each
+/// connection (see [`Counter`]), or on the events the application receives (`--events`,
+/// and always for `--fanout`), so they include the library's whole receive path.
 #[derive(Debug)]
 struct Load {
     /// `None` when serving normally.
     mode: Option<LoadMode>,
-    messages: u64,
-    bytes: u64,
+    counts: Arc<Counts>,
     /// The counts at the last rate line.
     reported: (u64, u64),
     /// When the last rate line was printed.
@@ -352,8 +425,7 @@ impl Load {
         };
         Self {
             mode,
-            messages: 0,
-            bytes: 0,
+            counts: Arc::default(),
             reported: (0, 0),
             since: tokio::time::Instant::now(),
         }
@@ -365,8 +437,7 @@ impl Load {
         let (Some(mode), ServerEvent::Message { client, message }) = (self.mode, &event) else {
             return Some(event);
         };
-        self.messages += 1;
-        self.bytes += message.len() as u64;
+        self.counts.add(1, message.len() as u64);
         match mode {
             LoadMode::Discard => {}
             // A client that left meanwhile is no error for a benchmark target.
@@ -389,10 +460,8 @@ impl Load {
     fn print_rate(&mut self) {
         let now = tokio::time::Instant::now();
         let secs = (now - self.since).as_secs_f64().max(1e-9);
-        let (messages, bytes) = (
-            self.messages - self.reported.0,
-            self.bytes - self.reported.1,
-        );
+        let total = self.totals();
+        let (messages, bytes) = (total.0 - self.reported.0, total.1 - self.reported.1);
         if messages > 0 {
             eprintln!(
                 "{:.0} messages/s, {:.1} MB/s",
@@ -400,15 +469,24 @@ impl Load {
                 bytes as f64 / secs / 1e6
             );
         }
-        self.reported = (self.messages, self.bytes);
+        self.reported = total;
         self.since = now;
     }
 
     /// The totals, on stderr, when the server stops.
     fn print_totals(&self) {
         if self.mode.is_some() {
-            eprintln!("total: {} messages, {} bytes", self.messages, self.bytes);
+            let (messages, bytes) = self.totals();
+            eprintln!("total: {messages} messages, {bytes} bytes");
         }
+    }
+
+    /// Messages and bytes counted so far.
+    fn totals(&self) -> (u64, u64) {
+        (
+            self.counts.messages.load(Ordering::Relaxed),
+            self.counts.bytes.load(Ordering::Relaxed),
+        )
     }
 }
 

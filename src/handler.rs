@@ -1,0 +1,83 @@
+//! [`Handler`]: application code run inside each client's connection task, for the messages
+//! of servers whose work per message is small and does not wait (count, filter, answer).
+//!
+//! By default a server hands every message to its one [`ServerEvents`] stream, which the
+//! application reads in a task of its own. That is simple and keeps every event in one
+//! place, but each message then crosses from the connection's task to the application's:
+//! a channel hop and, when the two tasks sit on different threads, a wake-up, which at
+//! millions of small messages a second is most of the cost. A handler is called in the
+//! connection's own task, in the loop that parses the frames, so a message is handled
+//! where it was read, the way a hand-written `tokio` server with a task per connection
+//! does it. `Connected`, `Disconnected`, requests, file offers and the other events still
+//! come through [`ServerEvents`].
+//!
+//! A handler is made per client by the function given to
+//! [`Server::bind_with_handler`](crate::server::Server::bind_with_handler), so it can keep
+//! per-client state without locks. It lives as long as the client: across the connections
+//! of a lossless session, and dropped when the client is gone.
+//!
+//! What a handler returns is sent back to the same client, through its outgoing queue and
+//! after everything queued before it. When that queue is full, the connection stops reading
+//! until it has room (with [`FullPolicy::Wait`]), or the client is disconnected as a slow
+//! consumer (with [`FullPolicy::Disconnect`]); see
+//! [`ServerConfig::send_policy`](crate::server::ServerConfig::send_policy).
+//!
+//! A handler must not block: while it runs, its connection reads nothing. Work that waits
+//! (a database, another client's queue) belongs on the event stream, or in a task the
+//! handler hands the message to.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use sockframe::Message;
+//! use sockframe::server::{Server, ServerConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> sockframe::Result<()> {
+//! // Echo every message to its sender, and count them all.
+//! let count = Arc::new(AtomicU64::new(0));
+//! let counted = count.clone();
+//! let config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+//! let (server, _events) = Server::bind_with_handler(config, move |_client, _addr| {
+//!     let count = counted.clone();
+//!     move |message: Message| {
+//!         count.fetch_add(1, Ordering::Relaxed);
+//!         Some(message)
+//!     }
+//! })
+//! .await?;
+//! # server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! [`ServerEvents`]: crate::server::ServerEvents
+//! [`FullPolicy::Wait`]: crate::FullPolicy::Wait
+//! [`FullPolicy::Disconnect`]: crate::FullPolicy::Disconnect
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::message::Message;
+use crate::server::ClientId;
+
+/// Handles the messages of one client, in order, inside its connection's task (see the
+/// [module docs](self)).
+///
+/// Implemented for every `FnMut(Message) -> Option<Message>` that is `Send + 'static`.
+pub trait Handler: Send + 'static {
+    /// Called for each message the client sends, in the order sent. The message returned,
+    /// if any, is sent back to the client.
+    fn message(&mut self, message: Message) -> Option<Message>;
+}
+
+impl<F> Handler for F
+where
+    F: FnMut(Message) -> Option<Message> + Send + 'static,
+{
+    fn message(&mut self, message: Message) -> Option<Message> {
+        self(message)
+    }
+}
+
+/// Makes each client's handler, given its id and address.
+pub(crate) type MakeHandler = Arc<dyn Fn(ClientId, SocketAddr) -> Box<dyn Handler> + Send + Sync>;

@@ -1,0 +1,347 @@
+//! Per-client message handlers (`Server::bind_with_handler`) over real loopback sockets:
+//! messages handled in the connection's task, replies in order, state per client kept
+//! across a session's connections, requests and notices still on the event stream, slow
+//! consumers handled by the send policy.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sockframe::client::{Backoff, Client, ClientConfig, ClientEvent};
+use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
+use sockframe::{DisconnectReason, FullPolicy, Message, MessageKind, OutboxLimits};
+use support::proxy::{FaultConfig, FaultProxy};
+use support::{WAIT, config, frame, next_connected, next_event, next_message, tutorial_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// A server whose handlers answer each message with `<client id>:<count>:<message>`.
+async fn numbering_server(config: ServerConfig) -> (Server, ServerEvents) {
+    Server::bind_with_handler(config, |client: ClientId, _addr| {
+        let mut count = 0u64;
+        move |message: Message| {
+            count += 1;
+            let text = String::from_utf8_lossy(message.payload()).into_owned();
+            Some(Message::text(format!("{client}:{count}:{text}")))
+        }
+    })
+    .await
+    .expect("bind test server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_answer_in_order_with_state_per_client() {
+    const N: u64 = 2_000;
+    let (server, mut events) = numbering_server(config()).await;
+    let addr = server.local_addr().to_string();
+    let mut a = Client::connect(ClientConfig::new(addr.clone()))
+        .await
+        .unwrap();
+    let id_a = next_connected(&mut events).await;
+    let mut b = Client::connect(ClientConfig::new(addr)).await.unwrap();
+    let id_b = next_connected(&mut events).await;
+
+    let (sa, sb) = (a.sender(), b.sender());
+    let senders = tokio::spawn(async move {
+        for i in 0..N {
+            sa.send(format!("a{i}")).await.unwrap();
+            sb.send(Message::binary(format!("b{i}").into_bytes()))
+                .await
+                .unwrap();
+        }
+    });
+    for i in 0..N {
+        let reply = next_message(&mut a).await;
+        assert_eq!(
+            reply.as_text(),
+            Some(format!("{id_a}:{}:a{i}", i + 1).as_str())
+        );
+        let reply = next_message(&mut b).await;
+        assert_eq!(
+            reply.as_text(),
+            Some(format!("{id_b}:{}:b{i}", i + 1).as_str())
+        );
+    }
+    senders.await.unwrap();
+
+    // Messages went to the handlers, not to the event stream.
+    assert!(
+        events.try_recv().is_none(),
+        "no message events with handlers"
+    );
+    let info = server.client(id_a).expect("client a listed");
+    assert_eq!(
+        info.messages_in, N,
+        "handled messages are counted as traffic"
+    );
+    a.close().await.unwrap();
+    match next_event(&mut events).await {
+        ServerEvent::Disconnected { client, .. } => assert_eq!(client, id_a),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_kinds_and_tutorial_peers() {
+    let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = kinds.clone();
+    let (server, mut events) = Server::bind_with_handler(config(), move |_, _| {
+        let seen = seen.clone();
+        move |message: Message| {
+            seen.lock().unwrap().push(message.kind());
+            Some(message)
+        }
+    })
+    .await
+    .unwrap();
+
+    // A sockframe client: text stays text, binary stays binary.
+    let mut client = Client::connect(ClientConfig::new(server.local_addr().to_string()))
+        .await
+        .unwrap();
+    next_connected(&mut events).await;
+    client.send("text").await.unwrap();
+    client.send(vec![0xff_u8, 0]).await.unwrap();
+    let text = next_message(&mut client).await;
+    assert_eq!(
+        (text.kind(), text.as_text()),
+        (MessageKind::Text, Some("text"))
+    );
+    let binary = next_message(&mut client).await;
+    assert_eq!(
+        (binary.kind(), binary.payload().as_ref()),
+        (MessageKind::Binary, &[0xff_u8, 0][..])
+    );
+
+    // A tutorial peer on a raw socket, framed by hand.
+    let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
+    raw.write_all(&frame(b"hello")).await.unwrap();
+    raw.write_all(&frame(b"world")).await.unwrap();
+    let mut echoed = vec![0u8; 2 * (4 + 5)];
+    timeout(WAIT, raw.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(echoed, [frame(b"hello"), frame(b"world")].concat());
+    assert_eq!(
+        *kinds.lock().unwrap(),
+        [
+            MessageKind::Text,
+            MessageKind::Binary,
+            MessageKind::Untyped,
+            MessageKind::Untyped
+        ]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_come_through_the_event_stream() {
+    let (server, mut events) = numbering_server(config()).await;
+    let mut client = Client::connect(ClientConfig::new(server.local_addr().to_string()))
+        .await
+        .unwrap();
+    let id = next_connected(&mut events).await;
+    client.send("before").await.unwrap();
+    let asking = client.sender();
+    let request = tokio::spawn(async move { asking.request("question").await });
+    match next_event(&mut events).await {
+        ServerEvent::Request { client, request } => {
+            assert_eq!(client, id);
+            assert_eq!(request.message().as_text(), Some("question"));
+            request.respond("answer").await.unwrap();
+        }
+        other => panic!("expected a request, got {other:?}"),
+    }
+    assert_eq!(request.await.unwrap().unwrap().as_text(), Some("answer"));
+    client.send("after").await.unwrap();
+    assert_eq!(
+        next_message(&mut client).await.as_text(),
+        Some(format!("{id}:1:before").as_str())
+    );
+    assert_eq!(
+        next_message(&mut client).await.as_text(),
+        Some(format!("{id}:2:after").as_str())
+    );
+    server.shutdown().await;
+}
+
+/// Says so when dropped.
+struct DropFlag(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_lives_through_a_session_and_ends_with_its_client() {
+    const ROUNDS: u64 = 4;
+    const PER_ROUND: u64 = 300;
+    let (flag, mut dropped) = tokio::sync::oneshot::channel();
+    let flag = std::sync::Mutex::new(Some(flag));
+    let made = Arc::new(AtomicU64::new(0));
+    let makes = made.clone();
+    let (server, mut events) = Server::bind_with_handler(config(), move |_, _| {
+        makes.fetch_add(1, Ordering::SeqCst);
+        let guard = DropFlag(flag.lock().unwrap().take());
+        let mut count = 0u64;
+        move |_message: Message| {
+            let _ = &guard;
+            count += 1;
+            Some(Message::text(count.to_string()))
+        }
+    })
+    .await
+    .unwrap();
+    let proxy = FaultProxy::start(server.local_addr(), FaultConfig::no_cuts()).await;
+    let mut client = Client::connect(ClientConfig {
+        reconnect: true,
+        reconnect_backoff: Backoff {
+            initial: Duration::from_millis(2),
+            max: Duration::from_millis(50),
+            deadline: Some(WAIT),
+            ..Backoff::default()
+        },
+        ..ClientConfig::new(proxy.addr().to_string())
+    })
+    .await
+    .unwrap();
+    let id = next_connected(&mut events).await;
+
+    let mut expected = 1u64;
+    let mut resumed = 0;
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            client.send(format!("{round}.{i}")).await.unwrap();
+        }
+        // Every reply, in order, counted by the one handler of this client.
+        while expected <= (round + 1) * PER_ROUND {
+            match timeout(WAIT, client.recv()).await.expect("reply in time") {
+                Some(ClientEvent::Message(m)) => {
+                    assert_eq!(m.as_text(), Some(expected.to_string().as_str()));
+                    expected += 1;
+                }
+                Some(ClientEvent::Resumed { .. }) => resumed += 1,
+                Some(
+                    ClientEvent::Disconnected { .. }
+                    | ClientEvent::Reconnecting { .. }
+                    | ClientEvent::Connected { .. },
+                ) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if round + 1 < ROUNDS {
+            proxy.cut_all();
+        }
+    }
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        1,
+        "one handler for the session"
+    );
+    assert!(
+        dropped.try_recv().is_err(),
+        "handler alive while the client is"
+    );
+    // The client saw its session resumed after (at least) some of the cuts.
+    assert!(resumed >= 1, "no resume seen");
+
+    client.close().await.unwrap();
+    timeout(WAIT, async {
+        loop {
+            if let ServerEvent::Disconnected { client, .. } = next_event(&mut events).await {
+                assert_eq!(client, id);
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    timeout(WAIT, dropped)
+        .await
+        .expect("handler dropped once its client is gone")
+        .unwrap();
+    server.shutdown().await;
+}
+
+/// A tutorial server with a tiny outbox whose handlers echo.
+async fn echo_server(policy: FullPolicy) -> (Server, ServerEvents) {
+    let config = ServerConfig {
+        outbox: OutboxLimits {
+            messages: 2,
+            bytes: 4 * 1024,
+        },
+        send_policy: policy,
+        ..tutorial_config()
+    };
+    Server::bind_with_handler(config, |_, _| Some::<Message>)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_for_room_and_lose_nothing() {
+    const N: usize = 5_000;
+    let (server, mut events) = echo_server(FullPolicy::Wait).await;
+    let stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    next_connected(&mut events).await;
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let payload = format!("{i:0>1000}");
+            wr.write_all(&frame(payload.as_bytes())).await.unwrap();
+        }
+        wr
+    });
+    for i in 0..N {
+        let mut header = [0u8; 4];
+        timeout(WAIT, rd.read_exact(&mut header))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+        rd.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, format!("{i:0>1000}").into_bytes(), "echo {i}");
+    }
+    drop(writer.await.unwrap());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_is_a_slow_consumer_under_disconnect() {
+    let (server, mut events) = echo_server(FullPolicy::Disconnect).await;
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let id = next_connected(&mut events).await;
+    let payload = vec![b'x'; 64 * 1024];
+    // Writes until the server disconnects: its echoes fill the socket buffers, then the
+    // outbox. Bounded: far more than the buffers of loopback hold.
+    let wrote = timeout(WAIT, async {
+        for _ in 0..10_000 {
+            if stream.write_all(&frame(&payload)).await.is_err() {
+                return;
+            }
+        }
+        panic!("the server never cut off a peer that does not read");
+    });
+    let event = timeout(WAIT, async {
+        loop {
+            if let ServerEvent::Disconnected { client, reason } = next_event(&mut events).await {
+                return (client, reason);
+            }
+        }
+    });
+    let (wrote, event) = tokio::join!(wrote, event);
+    wrote.expect("the writes ended in time");
+    let (client, reason) = event.expect("a disconnect in time");
+    assert_eq!(client, id);
+    assert_eq!(reason, DisconnectReason::SlowConsumer);
+    server.shutdown().await;
+}
