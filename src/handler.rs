@@ -16,10 +16,13 @@
 //! per-client state without locks. It lives as long as the client: across the connections
 //! of a lossless session, and dropped when the client is gone.
 //!
-//! What a handler returns is sent back to the same client, through its outgoing queue and
-//! after everything queued before it. When that queue is full, the connection stops reading
-//! until it has room (with [`FullPolicy::Wait`]), or the client is disconnected as a slow
-//! consumer (with [`FullPolicy::Disconnect`]); see
+//! What a handler returns is sent back to the same client, in order. Replies wait for the
+//! connection's writer in a queue of their own, bounded by the same limits as the client's
+//! outgoing queue ([`ServerConfig::outbox`](crate::server::ServerConfig::outbox)); they
+//! are written ahead of messages queued with `Server::send` meanwhile. When the replies
+//! reach those bounds (the client does not read), the connection stops reading until there
+//! is room (with [`FullPolicy::Wait`]), or the client is disconnected as a slow consumer
+//! (with [`FullPolicy::Disconnect`]); see
 //! [`ServerConfig::send_policy`](crate::server::ServerConfig::send_policy).
 //!
 //! A handler must not block: while it runs, its connection reads nothing. Work that waits

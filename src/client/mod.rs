@@ -627,6 +627,7 @@ async fn run(
                 transfers: (config.protocol == Mode::Sockframe).then(|| transfers.inbox()),
                 handler: None,
                 reply_policy: crate::FullPolicy::Wait,
+                reply_limits: config.outbox,
             },
         )
         .await;

@@ -931,6 +931,7 @@ async fn run_client<R, W>(
             transfers: transfers.as_ref().map(|t| t.inbox()),
             handler: handler.as_deref_mut().map(|h| h as &mut dyn crate::Handler),
             reply_policy: config.send_policy,
+            reply_limits: config.outbox,
         },
     )
     .await;
