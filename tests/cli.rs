@@ -767,9 +767,50 @@ fn bench_throughput_against_serve_discard() {
     );
 }
 
+/// `serve --discard` counts every message exactly, with handlers (the default) and from the
+/// event stream (`--events`).
+#[test]
+fn serve_discard_counts_exactly_with_and_without_handlers() {
+    let messages: Vec<String> = (0..200).map(|i| format!("message {i:03}")).collect();
+    let bytes: usize = messages.iter().map(String::len).sum();
+    for events in [false, true] {
+        let mut args = vec!["--discard"];
+        if events {
+            args.push("--events");
+        }
+        let (mut server, addr) = serve(&args);
+        let addr = addr.to_string();
+        let mut all = vec!["send", &addr];
+        all.extend(messages.iter().map(String::as_str));
+        assert!(
+            Proc::start(&all).wait().success(),
+            "send (events: {events})"
+        );
+        server.terminate();
+        let line = server.stderr.wait_prefix("total: ");
+        assert!(server.wait().success());
+        assert_eq!(
+            line,
+            format!("total: {} messages, {bytes} bytes", messages.len()),
+            "events: {events}"
+        );
+    }
+}
+
 #[test]
 fn bench_pingpong_against_serve_echo() {
-    let (mut server, addr) = serve(&["--protocol", "tutorial", "--echo"]);
+    for events in [false, true] {
+        bench_pingpong_against(events);
+    }
+}
+
+/// Pingpong against `serve --echo`, echoing with handlers or (`events`) from the event stream.
+fn bench_pingpong_against(events: bool) {
+    let mut args = vec!["--protocol", "tutorial", "--echo"];
+    if events {
+        args.push("--events");
+    }
+    let (mut server, addr) = serve(&args);
     let result = bench(
         addr,
         &[
