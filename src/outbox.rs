@@ -235,20 +235,31 @@ impl<T: Weigh> OutboxReceiver<T> {
     ///
     /// Cancel-safe: a message is only taken out when it is returned.
     pub(crate) async fn recv(&mut self) -> Option<T> {
+        let mut parked = Waiting {
+            shared: &self.shared,
+            waiting: false,
+        };
         poll_fn(|cx| {
-            let mut state = self.shared.lock();
-            if let Some(msg) = self.pop(&mut state) {
+            let shared = parked.shared;
+            let mut state = shared.lock();
+            if let Some(msg) = pop(&mut state) {
+                // A waker left by an earlier poll is not needed any more.
+                state.waker = None;
                 drop(state);
-                self.release(&msg);
+                parked.waiting = false;
+                release(shared, &msg);
                 return Poll::Ready(Some(msg));
             }
-            if self.shared.senders.load(Ordering::Acquire) == 0 {
+            if shared.senders.load(Ordering::Acquire) == 0 {
+                state.waker = None;
+                parked.waiting = false;
                 return Poll::Ready(None);
             }
             match &mut state.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 w => *w = Some(cx.waker().clone()),
             }
+            parked.waiting = true;
             Poll::Pending
         })
         .await
@@ -256,8 +267,8 @@ impl<T: Weigh> OutboxReceiver<T> {
 
     /// The next message if one is queued right now.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let msg = self.pop(&mut self.shared.lock())?;
-        self.release(&msg);
+        let msg = pop(&mut self.shared.lock())?;
+        release(&self.shared, &msg);
         Some(msg)
     }
 
@@ -265,20 +276,39 @@ impl<T: Weigh> OutboxReceiver<T> {
     pub(crate) fn len(&self) -> usize {
         self.shared.lock().queue.len()
     }
+}
 
-    fn pop(&self, state: &mut State<T>) -> Option<T> {
-        let msg = state.queue.pop_front()?;
-        if state.queue.is_empty() && state.queue.capacity() > KEEP_SLOTS {
-            state.queue.shrink_to(KEEP_SLOTS);
-        }
-        Some(msg)
+/// Takes the oldest message out, giving back the memory of a drained burst.
+fn pop<T>(state: &mut State<T>) -> Option<T> {
+    let msg = state.queue.pop_front()?;
+    if state.queue.is_empty() && state.queue.capacity() > KEEP_SLOTS {
+        state.queue.shrink_to(KEEP_SLOTS);
     }
+    Some(msg)
+}
 
-    fn release(&self, msg: &T) {
-        let s = &*self.shared;
-        s.bytes
-            .add_permits(permits(msg.weight(), s.max_bytes) as usize);
-        s.slots.add_permits(1);
+/// Returns a taken message's room to the senders.
+fn release<T: Weigh>(shared: &Shared<T>, msg: &T) {
+    shared
+        .bytes
+        .add_permits(permits(msg.weight(), shared.max_bytes) as usize);
+    shared.slots.add_permits(1);
+}
+
+/// A `recv` in progress. Dropped while its waker is parked in the queue (a `select!` that
+/// took another branch, a task that ended), it takes the waker back: a parked waker keeps
+/// its whole task allocated, and a receiver that outlives its task (a session's outbox,
+/// parked while the client is away) would otherwise keep the ended task's memory.
+struct Waiting<'a, T> {
+    shared: &'a Shared<T>,
+    waiting: bool,
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.shared.lock().waker = None;
+        }
     }
 }
 
@@ -401,6 +431,8 @@ mod tests {
             poll(recv.as_mut(), &woken),
             Poll::Ready(Some(Bytes::from_static(b"a")))
         );
+        // The send took the waker: nothing holds it any more.
+        assert_eq!(Arc::strong_count(&woken), 1);
     }
 
     #[test]
@@ -419,6 +451,26 @@ mod tests {
         drop(other);
         assert!(woken.take());
         assert_eq!(poll(recv.as_mut(), &woken), Poll::Ready(None));
+    }
+
+    #[test]
+    fn an_abandoned_recv_leaves_no_waker_behind() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(4, 100));
+        let woken = Arc::new(Woken::default());
+        {
+            let mut recv = pin!(rx.recv());
+            assert!(poll(recv.as_mut(), &woken).is_pending());
+        }
+        // Only the test holds the waker's task now.
+        assert_eq!(Arc::strong_count(&woken), 1);
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        assert!(!woken.take());
+        let mut recv = pin!(rx.recv());
+        assert_eq!(
+            poll(recv.as_mut(), &woken),
+            Poll::Ready(Some(Bytes::from_static(b"a")))
+        );
+        assert_eq!(Arc::strong_count(&woken), 1);
     }
 
     #[test]
