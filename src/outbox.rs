@@ -12,10 +12,10 @@
 //! the channel allocates its first block (32 slots, about 1.8 KB with our items) when it is
 //! created, so every idle connection paid for it; an empty `VecDeque` allocates nothing until
 //! the first message, and what a burst grew is given back when the receiver next waits (see
-//! [`KEEP_SLOTS`]). The
-//! waiting is still tokio's: senders wait in the semaphores (fair, and cancel-safe: an
-//! abandoned `acquire` returns what it took), the one receiver parks its waker in the
-//! queue's state under the same lock the senders push under, so no wake-up is lost.
+//! [`KEEP_SLOTS`]). The waiting is still tokio's: senders wait in the semaphores (fair, and
+//! cancel-safe: an abandoned `acquire` returns what it took), and the one receiver parks its
+//! waker in the queue's state under the same lock the senders push under, so no wake-up is
+//! lost.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
