@@ -1,17 +1,30 @@
 //! The bounded outgoing queue of one connection.
 //!
-//! Bounded twice: by message count (the channel's capacity) and by bytes (a semaphore whose
-//! permits are payload bytes). A peer that stops reading fills its outbox and then either
-//! makes the sender wait or is disconnected, per [`FullPolicy`]; it never makes memory grow
-//! without bound and never delays the outboxes of other peers.
+//! Bounded twice: by message count and by bytes (two semaphores whose permits are queue slots
+//! and payload bytes). A peer that stops reading fills its outbox and then either makes the
+//! sender wait or is disconnected, per [`FullPolicy`]; it never makes memory grow without
+//! bound and never delays the outboxes of other peers.
 //!
 //! A message larger than the byte bound takes all of it: it waits until the outbox is empty
 //! rather than being refused, so the largest legal frame can always be sent.
+//!
+//! The queue itself is a `VecDeque` behind a mutex rather than a `tokio::sync::mpsc` channel:
+//! the channel allocates its first block (32 slots, about 1.8 KB with our items) when it is
+//! created, so every idle connection paid for it; an empty `VecDeque` allocates nothing until
+//! the first message, and what a burst grew is given back when the receiver next waits (see
+//! [`KEEP_SLOTS`]). The waiting is still tokio's: senders wait in the semaphores (fair, and
+//! cancel-safe: an abandoned `acquire` returns what it took), and the one receiver parks its
+//! waker in the queue's state under the same lock the senders push under, so no wake-up is
+//! lost.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, TryAcquireError};
 
 /// An item whose size counts against an outbox's byte bound.
 pub(crate) trait Weigh {
@@ -61,20 +74,79 @@ pub(crate) enum TrySendError {
     Closed,
 }
 
+/// Queue slots kept allocated when the receiver waits on an empty queue. A burst may grow the
+/// queue up to the count bound (1,024 items, ~57 KB by default); an idle connection should not
+/// keep that, while a steady stream of small batches should not reallocate on every batch.
+const KEEP_SLOTS: usize = 64;
+
+/// What senders and the receiver share.
+#[derive(Debug)]
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    /// Free queue slots (the count bound).
+    slots: Semaphore,
+    /// Free payload bytes (the byte bound).
+    bytes: Semaphore,
+    /// Live senders; the receiver sees the end of the queue when the last one is gone.
+    senders: AtomicUsize,
+    max_bytes: u32,
+}
+
+#[derive(Debug)]
+struct State<T> {
+    queue: VecDeque<T>,
+    /// The receiver, parked on an empty queue.
+    waker: Option<Waker>,
+    /// The receiver is gone: nothing is queued any more.
+    closed: bool,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Nothing panics while holding the lock, but a poisoned queue is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `msg` whose permits are taken; fails if the receiver is gone.
+    fn push(&self, msg: T) -> Result<(), TrySendError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(TrySendError::Closed);
+        }
+        state.queue.push_back(msg);
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+}
+
 /// Sending side; cheap to clone.
 #[derive(Debug)]
 pub(crate) struct OutboxSender<T = crate::connection::Outgoing> {
-    tx: mpsc::Sender<T>,
-    bytes: Arc<Semaphore>,
-    max_bytes: u32,
+    shared: Arc<Shared<T>>,
 }
 
 impl<T> Clone for OutboxSender<T> {
     fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
         Self {
-            tx: self.tx.clone(),
-            bytes: self.bytes.clone(),
-            max_bytes: self.max_bytes,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> Drop for OutboxSender<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last sender: a receiver parked on the empty queue must see the end. Taking
+            // the lock orders this after any check the receiver made under it.
+            let waker = self.shared.lock().waker.take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -82,29 +154,30 @@ impl<T> Clone for OutboxSender<T> {
 /// Receiving side, owned by the connection's writer.
 #[derive(Debug)]
 pub(crate) struct OutboxReceiver<T = crate::connection::Outgoing> {
-    rx: mpsc::Receiver<T>,
-    bytes: Arc<Semaphore>,
-    max_bytes: u32,
+    shared: Arc<Shared<T>>,
 }
 
 /// A new outbox with the given limits.
 pub(crate) fn outbox<T>(limits: OutboxLimits) -> (OutboxSender<T>, OutboxReceiver<T>) {
-    let (tx, rx) = mpsc::channel(limits.messages.max(1));
     let max_bytes = limits
         .bytes
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
-    let bytes = Arc::new(Semaphore::new(max_bytes as usize));
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            waker: None,
+            closed: false,
+        }),
+        slots: Semaphore::new(limits.messages.clamp(1, Semaphore::MAX_PERMITS)),
+        bytes: Semaphore::new(max_bytes as usize),
+        senders: AtomicUsize::new(1),
+        max_bytes,
+    });
     (
         OutboxSender {
-            tx,
-            bytes: bytes.clone(),
-            max_bytes,
+            shared: shared.clone(),
         },
-        OutboxReceiver {
-            rx,
-            bytes,
-            max_bytes,
-        },
+        OutboxReceiver { shared },
     )
 }
 
@@ -115,34 +188,38 @@ fn permits(len: usize, max: u32) -> u32 {
 
 impl<T: Weigh> OutboxSender<T> {
     /// Queues `msg`, waiting for room. Fails only when the receiver is gone.
+    ///
+    /// Cancel-safe: dropped while waiting, it has queued nothing and holds no room.
     pub(crate) async fn send(&self, msg: T) -> Result<(), TrySendError> {
-        let n = permits(msg.weight(), self.max_bytes);
-        let permit = self
+        let s = &*self.shared;
+        let n = permits(msg.weight(), s.max_bytes);
+        let bytes = s
             .bytes
             .acquire_many(n)
             .await
             .map_err(|_| TrySendError::Closed)?;
-        let slot = self.tx.reserve().await.map_err(|_| TrySendError::Closed)?;
+        let slot = s.slots.acquire().await.map_err(|_| TrySendError::Closed)?;
         // The receiver returns the permits when it takes the message out.
-        permit.forget();
-        slot.send(msg);
-        Ok(())
+        bytes.forget();
+        slot.forget();
+        s.push(msg)
     }
 
     /// Queues `msg` if both bounds allow it right now.
     pub(crate) fn try_send(&self, msg: T) -> Result<(), TrySendError> {
-        let n = permits(msg.weight(), self.max_bytes);
-        let permit = self.bytes.try_acquire_many(n).map_err(|e| match e {
-            tokio::sync::TryAcquireError::Closed => TrySendError::Closed,
-            tokio::sync::TryAcquireError::NoPermits => TrySendError::Full,
-        })?;
-        let slot = self.tx.try_reserve().map_err(|e| match e {
-            mpsc::error::TrySendError::Full(()) => TrySendError::Full,
-            mpsc::error::TrySendError::Closed(()) => TrySendError::Closed,
-        })?;
-        permit.forget();
-        slot.send(msg);
-        Ok(())
+        let s = &*self.shared;
+        let full = |e| match e {
+            TryAcquireError::Closed => TrySendError::Closed,
+            TryAcquireError::NoPermits => TrySendError::Full,
+        };
+        let bytes = s
+            .bytes
+            .try_acquire_many(permits(msg.weight(), s.max_bytes))
+            .map_err(full)?;
+        let slot = s.slots.try_acquire().map_err(full)?;
+        bytes.forget();
+        slot.forget();
+        s.push(msg)
     }
 
     /// Sends with the given policy; `Full` is only returned under [`FullPolicy::Disconnect`].
@@ -156,40 +233,143 @@ impl<T: Weigh> OutboxSender<T> {
 
 impl<T: Weigh> OutboxReceiver<T> {
     /// The next message, waiting for one; `None` once every sender is gone.
+    ///
+    /// Cancel-safe: a message is only taken out when it is returned.
     pub(crate) async fn recv(&mut self) -> Option<T> {
-        let msg = self.rx.recv().await?;
-        self.release(&msg);
-        Some(msg)
+        let mut parked = Waiting {
+            shared: &self.shared,
+            waiting: false,
+        };
+        poll_fn(|cx| {
+            let shared = parked.shared;
+            let mut state = shared.lock();
+            if let Some(msg) = pop(&mut state) {
+                // A waker left by an earlier poll is not needed any more.
+                state.waker = None;
+                drop(state);
+                parked.waiting = false;
+                release(shared, &msg);
+                return Poll::Ready(Some(msg));
+            }
+            if shared.senders.load(Ordering::Acquire) == 0 {
+                state.waker = None;
+                parked.waiting = false;
+                return Poll::Ready(None);
+            }
+            // The connection is going idle: give back the memory of a drained burst. Only
+            // here, not whenever a drain empties the queue: under steady traffic the queue
+            // empties with every batch written, and shrinking there made it grow again with
+            // every batch (reallocations and fresh pages in a profile of broadcast to 1,000
+            // clients).
+            if state.queue.capacity() > KEEP_SLOTS {
+                state.queue.shrink_to(KEEP_SLOTS);
+            }
+            match &mut state.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            parked.waiting = true;
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next message if one is queued right now.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let msg = self.rx.try_recv().ok()?;
-        self.release(&msg);
+        let msg = pop(&mut self.shared.lock())?;
+        release(&self.shared, &msg);
         Some(msg)
     }
 
     /// Messages queued right now.
     pub(crate) fn len(&self) -> usize {
-        self.rx.len()
+        self.shared.lock().queue.len()
     }
+}
 
-    fn release(&self, msg: &T) {
-        self.bytes
-            .add_permits(permits(msg.weight(), self.max_bytes) as usize);
+/// Takes the oldest message out.
+fn pop<T>(state: &mut State<T>) -> Option<T> {
+    state.queue.pop_front()
+}
+
+/// Returns a taken message's room to the senders.
+fn release<T: Weigh>(shared: &Shared<T>, msg: &T) {
+    shared
+        .bytes
+        .add_permits(permits(msg.weight(), shared.max_bytes) as usize);
+    shared.slots.add_permits(1);
+}
+
+/// A `recv` in progress. Dropped while its waker is parked in the queue (a `select!` that
+/// took another branch, a task that ended), it takes the waker back: a parked waker keeps
+/// its whole task allocated, and a receiver that outlives its task (a session's outbox,
+/// parked while the client is away) would otherwise keep the ended task's memory.
+struct Waiting<'a, T> {
+    shared: &'a Shared<T>,
+    waiting: bool,
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.shared.lock().waker = None;
+        }
     }
 }
 
 impl<T> Drop for OutboxReceiver<T> {
     fn drop(&mut self) {
-        // Wake senders waiting for byte permits: nobody will ever return them.
-        self.bytes.close();
+        // Wake senders waiting for room: nobody will ever return it.
+        self.shared.bytes.close();
+        self.shared.slots.close();
+        let queued = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            state.waker = None;
+            std::mem::take(&mut state.queue)
+        };
+        // Dropped outside the lock: an item's drop may wake others (a flush waiter).
+        drop(queued);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Wake};
+
+    /// A waker that records whether it was woken, to check wake-ups without timing.
+    #[derive(Default)]
+    struct Woken(AtomicBool);
+
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Woken {
+        fn take(&self) -> bool {
+            self.0.swap(false, Ordering::SeqCst)
+        }
+    }
+
+    fn poll<F: Future>(f: std::pin::Pin<&mut F>, woken: &Arc<Woken>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(&Waker::from(woken.clone())))
+    }
+
+    impl Weigh for Arc<()> {
+        fn weight(&self) -> usize {
+            0
+        }
+    }
+
+    fn limits(messages: usize, bytes: usize) -> OutboxLimits {
+        OutboxLimits { messages, bytes }
+    }
 
     #[tokio::test]
     async fn bounded_by_count_and_bytes() {
@@ -241,5 +421,145 @@ mod tests {
         });
         drop(rx);
         assert_eq!(waiting.await.unwrap(), Err(TrySendError::Closed));
+    }
+
+    #[test]
+    fn parked_receiver_is_woken_by_a_send() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(4, 100));
+        let woken = Arc::new(Woken::default());
+        let mut recv = pin!(rx.recv());
+        assert!(poll(recv.as_mut(), &woken).is_pending());
+        assert!(!woken.take());
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        assert!(woken.take());
+        assert_eq!(
+            poll(recv.as_mut(), &woken),
+            Poll::Ready(Some(Bytes::from_static(b"a")))
+        );
+        // The send took the waker: nothing holds it any more.
+        assert_eq!(Arc::strong_count(&woken), 1);
+    }
+
+    #[test]
+    fn parked_receiver_sees_the_end_when_the_last_sender_drops() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(4, 100));
+        let other = tx.clone();
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), "a");
+        let woken = Arc::new(Woken::default());
+        let mut recv = pin!(rx.recv());
+        assert!(poll(recv.as_mut(), &woken).is_pending());
+        drop(tx);
+        // Another sender is left: no end yet.
+        assert!(!woken.take());
+        assert!(poll(recv.as_mut(), &woken).is_pending());
+        drop(other);
+        assert!(woken.take());
+        assert_eq!(poll(recv.as_mut(), &woken), Poll::Ready(None));
+    }
+
+    #[test]
+    fn an_abandoned_recv_leaves_no_waker_behind() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(4, 100));
+        let woken = Arc::new(Woken::default());
+        {
+            let mut recv = pin!(rx.recv());
+            assert!(poll(recv.as_mut(), &woken).is_pending());
+        }
+        // Only the test holds the waker's task now.
+        assert_eq!(Arc::strong_count(&woken), 1);
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        assert!(!woken.take());
+        let mut recv = pin!(rx.recv());
+        assert_eq!(
+            poll(recv.as_mut(), &woken),
+            Poll::Ready(Some(Bytes::from_static(b"a")))
+        );
+        assert_eq!(Arc::strong_count(&woken), 1);
+    }
+
+    #[test]
+    fn queued_messages_outlive_the_senders() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(4, 100));
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        drop(tx);
+        assert_eq!(rx.try_recv().unwrap(), "a");
+        assert_eq!(rx.try_recv(), None);
+    }
+
+    #[test]
+    fn waiting_senders_are_woken_by_room_of_either_kind() {
+        // Full by count.
+        let (tx, mut rx) = outbox::<Bytes>(limits(1, 100));
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        let woken = Arc::new(Woken::default());
+        let mut send = pin!(tx.send(Bytes::from_static(b"b")));
+        assert!(poll(send.as_mut(), &woken).is_pending());
+        assert_eq!(rx.try_recv().unwrap(), "a");
+        assert!(woken.take());
+        assert_eq!(poll(send.as_mut(), &woken), Poll::Ready(Ok(())));
+        assert_eq!(rx.try_recv().unwrap(), "b");
+
+        // Full by bytes.
+        let (tx, mut rx) = outbox::<Bytes>(limits(8, 4));
+        tx.try_send(Bytes::from_static(b"abc")).unwrap();
+        let mut send = pin!(tx.send(Bytes::from_static(b"de")));
+        assert!(poll(send.as_mut(), &woken).is_pending());
+        assert_eq!(rx.try_recv().unwrap(), "abc");
+        assert!(woken.take());
+        assert_eq!(poll(send.as_mut(), &woken), Poll::Ready(Ok(())));
+        assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_send_keeps_no_room() {
+        let woken = Arc::new(Woken::default());
+        // Waiting for bytes, then waiting for a slot while holding its bytes: either way,
+        // dropped (as a send losing a `select!` is), it gives back all it took.
+        for (first, budget) in [(&b"abcd"[..], 4), (&b"abcd"[..], 8)] {
+            let (tx, mut rx) = outbox::<Bytes>(limits(1, budget));
+            tx.try_send(Bytes::from_static(first)).unwrap();
+            {
+                let mut send = pin!(tx.send(Bytes::from_static(b"ab")));
+                assert!(poll(send.as_mut(), &woken).is_pending());
+            }
+            assert_eq!(rx.try_recv().unwrap(), "abcd");
+            assert_eq!(rx.try_recv(), None);
+            tx.try_send(Bytes::from(vec![0; budget])).unwrap();
+            assert_eq!(rx.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_dropped_receiver_fails_sends_and_drops_what_was_queued() {
+        let (tx, rx) = outbox::<Arc<()>>(limits(4, 100));
+        let item = Arc::new(());
+        tx.try_send(item.clone()).unwrap();
+        drop(rx);
+        assert_eq!(Arc::strong_count(&item), 1);
+        assert_eq!(tx.try_send(item.clone()), Err(TrySendError::Closed));
+        let woken = Arc::new(Woken::default());
+        let mut send = pin!(tx.send(item.clone()));
+        assert_eq!(
+            poll(send.as_mut(), &woken),
+            Poll::Ready(Err(TrySendError::Closed))
+        );
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_room_back() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(1024, 1 << 20));
+        for _ in 0..1000 {
+            tx.try_send(Bytes::from_static(b"x")).unwrap();
+        }
+        while rx.try_recv().is_some() {}
+        // Kept while draining; given back once the receiver waits.
+        assert!(rx.shared.lock().queue.capacity() >= 1000);
+        let woken = Arc::new(Woken::default());
+        assert!(poll(pin!(rx.recv()), &woken).is_pending());
+        assert!(rx.shared.lock().queue.capacity() <= KEEP_SLOTS);
+        // An outbox that never held a message holds no queue memory.
+        let (_tx, rx) = outbox::<Bytes>(OutboxLimits::default());
+        assert_eq!(rx.shared.lock().queue.capacity(), 0);
     }
 }

@@ -77,8 +77,9 @@ pub(crate) struct ClientHandle {
     link: Mutex<CancellationToken>,
     /// The session's token and who may resume it, if the client has a session.
     pub(crate) session: Option<SessionKey>,
-    /// The session's state while no connection carries it.
-    parked: Mutex<Option<Parked>>,
+    /// The session's state while no connection carries it. Boxed: it is 184 bytes, only
+    /// sessions ever park, and every connected client's handle would otherwise carry them.
+    parked: Mutex<Option<Box<Parked>>>,
     /// Signalled when the session is parked (a resumer waiting for a takeover).
     pub(crate) on_park: Notify,
     /// Signalled when a resumer took the parked session (its expiry watch stops).
@@ -172,13 +173,13 @@ impl ClientHandle {
 
     /// Leaves the session for the next connection to take.
     pub(crate) fn park(&self, parked: Parked) {
-        *lock(&self.parked) = Some(parked);
+        *lock(&self.parked) = Some(Box::new(parked));
         self.on_park.notify_one();
     }
 
     /// Takes the parked session, if it is parked.
     pub(crate) fn take_parked(&self) -> Option<Parked> {
-        lock(&self.parked).take()
+        lock(&self.parked).take().map(|parked| *parked)
     }
 
     pub(crate) fn is_parked(&self) -> bool {
