@@ -671,12 +671,14 @@ enum Ended {
 /// three). Received messages go to `events` in order; when `events` is full, reading pauses,
 /// so TCP flow control slows the peer instead of memory growing. `held` is a first frame
 /// already read (by protocol detection) and not yet delivered.
-pub(crate) async fn drive<RD, WR, E, M, R, C>(
+// On purpose not an `async fn`: see the comment in the body.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn drive<RD, WR, E, M, R, C>(
     mut reader: FrameReader<RD>,
     mut writer: FrameWriter<WR>,
     mut held: Option<Bytes>,
     d: Drive<'_, E, M, R, C>,
-) -> Outcome
+) -> impl Future<Output = Outcome>
 where
     RD: AsyncRead + Unpin,
     WR: AsyncWrite + Unpin,
@@ -684,209 +686,214 @@ where
     R: Fn(Request) -> E,
     C: Fn() -> CloseOrder,
 {
-    let control = Control::new(d.reply_limits);
-    let liveness = Liveness::default();
-    let (retained, received_slot) = match d.session {
-        Some(session) if d.mode == Mode::Sockframe => {
-            (Some(&mut session.retained), Some(&mut session.received))
-        }
-        _ => (None, None),
-    };
-    let acks = match (&retained, &received_slot) {
-        (Some(r), Some(received)) => Some(Acks::new(r, **received)),
-        _ => None,
-    };
-    let heartbeat = d.heartbeat.filter(|_| d.mode == Mode::Sockframe);
-    let inbound = Inbound {
-        mode: d.mode,
-        max_body: d.max_body,
-        refuse_late_hello: std::sync::atomic::AtomicBool::new(d.refuse_late_hello),
-        bucket: d.rate_limit.map(|l| std::sync::Mutex::new(Bucket::new(l))),
-        events: d.events,
-        on_message: &d.on_message,
-        on_request: &d.on_request,
-        reply: d.reply,
-        pending: d.pending,
-        control: &control,
-        traffic: d.traffic,
-        liveness: &liveness,
-        acks: acks.as_ref(),
-        farewell: std::sync::atomic::AtomicBool::new(false),
-        truncated: std::sync::atomic::AtomicBool::new(false),
-        transfers: d.transfers,
-        replied: std::sync::atomic::AtomicBool::new(false),
-    };
+    // Not an `async fn`: its arguments would be kept twice in the future (as arguments and
+    // as the locals they are moved into), 392 bytes of every connection's task, idle or not.
+    async move {
+        let control = Control::new(d.reply_limits);
+        let liveness = Liveness::default();
+        let (retained, received_slot) = match d.session {
+            Some(session) if d.mode == Mode::Sockframe => {
+                (Some(&mut session.retained), Some(&mut session.received))
+            }
+            _ => (None, None),
+        };
+        let acks = match (&retained, &received_slot) {
+            (Some(r), Some(received)) => Some(Acks::new(r, **received)),
+            _ => None,
+        };
+        let heartbeat = d.heartbeat.filter(|_| d.mode == Mode::Sockframe);
+        let inbound = Inbound {
+            mode: d.mode,
+            max_body: d.max_body,
+            refuse_late_hello: std::sync::atomic::AtomicBool::new(d.refuse_late_hello),
+            bucket: d.rate_limit.map(|l| std::sync::Mutex::new(Bucket::new(l))),
+            events: d.events,
+            on_message: &d.on_message,
+            on_request: &d.on_request,
+            reply: d.reply,
+            pending: d.pending,
+            control: &control,
+            traffic: d.traffic,
+            liveness: &liveness,
+            acks: acks.as_ref(),
+            farewell: std::sync::atomic::AtomicBool::new(false),
+            truncated: std::sync::atomic::AtomicBool::new(false),
+            transfers: d.transfers,
+            replied: std::sync::atomic::AtomicBool::new(false),
+        };
 
-    // Events read but not yet handed over; outside the read future so that dropping that
-    // future loses none of them.
-    let mut batch: Vec<E> = Vec::new();
-    let mut handling = d.handler.map(|handler| Handling {
-        handler,
-        reply: None,
-        policy: d.reply_policy,
-    });
-    let mut clock = d.frame_timeout.map(FrameClock::new);
-    let first = {
-        let read = inbound.run(
-            &mut reader,
-            &mut held,
-            &mut batch,
-            &mut clock,
-            &mut handling,
-        );
-        let write = write_loop(
-            &mut writer,
-            d.outbox,
-            &control,
-            d.close,
-            d.traffic,
-            d.mode,
-            retained.zip(acks.as_ref()),
-        );
-        tokio::pin!(read, write);
-        let mut ping =
-            heartbeat.map(|hb| tokio::time::interval_at(Instant::now() + hb.interval, hb.interval));
-        // The idle timeout is checked four times per period: a peer is closed after between
-        // one and one and a quarter idle periods without a message.
-        let mut idle_check = d.idle_timeout.map(|t| {
-            let tick = (t / 4).max(Duration::from_millis(10));
-            tokio::time::interval_at(Instant::now() + tick, tick)
+        // Events read but not yet handed over; outside the read future so that dropping that
+        // future loses none of them.
+        let mut batch: Vec<E> = Vec::new();
+        let mut handling = d.handler.map(|handler| Handling {
+            handler,
+            reply: None,
+            policy: d.reply_policy,
         });
-        let (mut heard_frame, mut heard_message) = (Heard::new(), Heard::new());
-        let mut nonce = 0u64;
-        let mut write_first = false;
-        // Polled by hand rather than with `select!`, for one thing `select!` cannot do: when
-        // the read side queues a handler's reply, poll the write side again in the same
-        // pass, so the reply is written now. Left to the wake-up that queueing causes, it
-        // would wait for the task to be scheduled again, which the multi-threaded runtime
-        // does by waking another worker (a self-wake counts as a yield): that cost a
-        // 64-byte round trip about 10 µs (35.5 against 27 µs at the median, measured).
-        // Which side goes first alternates, as `select!`'s random start did, so neither
-        // side can use up the task's cooperative budget every time and starve the other.
-        std::future::poll_fn(|cx| {
-            write_first = !write_first;
-            if write_first && let Poll::Ready(res) = write.as_mut().poll(cx) {
-                return Poll::Ready(Ended::Write(res));
-            }
-            if let Poll::Ready(reason) = read.as_mut().poll(cx) {
-                return Poll::Ready(Ended::Read(reason));
-            }
-            if (!write_first || inbound.replied.swap(false, Ordering::Relaxed))
-                && let Poll::Ready(res) = write.as_mut().poll(cx)
-            {
-                return Poll::Ready(Ended::Write(res));
-            }
-            if let Some(ping) = &mut ping {
-                while ping.poll_tick(cx).is_ready() {
-                    let hb = heartbeat.expect("ping implies heartbeat");
-                    // Checked once per interval, so a dead peer is declared after between
-                    // `misses` and `misses + 1` silent intervals.
-                    let silent = heard_frame.silence(&liveness.frames, liveness.is_paused());
-                    if silent >= hb.interval * hb.misses {
-                        return Poll::Ready(Ended::Timeout(DisconnectReason::HeartbeatTimeout));
-                    }
-                    nonce += 1;
-                    control.ping(nonce);
+        let mut clock = d.frame_timeout.map(FrameClock::new);
+        let first = {
+            let read = inbound.run(
+                &mut reader,
+                &mut held,
+                &mut batch,
+                &mut clock,
+                &mut handling,
+            );
+            let write = write_loop(
+                &mut writer,
+                d.outbox,
+                &control,
+                d.close,
+                d.traffic,
+                d.mode,
+                retained.zip(acks.as_ref()),
+            );
+            tokio::pin!(read, write);
+            let mut ping = heartbeat
+                .map(|hb| tokio::time::interval_at(Instant::now() + hb.interval, hb.interval));
+            // The idle timeout is checked four times per period: a peer is closed after between
+            // one and one and a quarter idle periods without a message.
+            let mut idle_check = d.idle_timeout.map(|t| {
+                let tick = (t / 4).max(Duration::from_millis(10));
+                tokio::time::interval_at(Instant::now() + tick, tick)
+            });
+            let (mut heard_frame, mut heard_message) = (Heard::new(), Heard::new());
+            let mut nonce = 0u64;
+            let mut write_first = false;
+            // Polled by hand rather than with `select!`, for one thing `select!` cannot do: when
+            // the read side queues a handler's reply, poll the write side again in the same
+            // pass, so the reply is written now. Left to the wake-up that queueing causes, it
+            // would wait for the task to be scheduled again, which the multi-threaded runtime
+            // does by waking another worker (a self-wake counts as a yield): that cost a
+            // 64-byte round trip about 10 µs (35.5 against 27 µs at the median, measured).
+            // Which side goes first alternates, as `select!`'s random start did, so neither
+            // side can use up the task's cooperative budget every time and starve the other.
+            std::future::poll_fn(|cx| {
+                write_first = !write_first;
+                if write_first && let Poll::Ready(res) = write.as_mut().poll(cx) {
+                    return Poll::Ready(Ended::Write(res));
                 }
-            }
-            if let Some(idle_check) = &mut idle_check {
-                while idle_check.poll_tick(cx).is_ready() {
-                    let idle = d.idle_timeout.expect("idle_check implies idle timeout");
-                    if heard_message.silence(&liveness.messages, liveness.is_paused()) >= idle {
-                        return Poll::Ready(Ended::Timeout(DisconnectReason::IdleTimeout));
-                    }
+                if let Poll::Ready(reason) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Ended::Read(reason));
                 }
-            }
-            Poll::Pending
-        })
-        .await
-    };
-
-    let ended = |reason| Outcome {
-        reason,
-        flushed: false,
-        farewell_received: false,
-        truncated: false,
-    };
-    let outcome = match first {
-        Ended::Read(reason) => {
-            if matches!(reason, DisconnectReason::Protocol(_)) {
-                farewell(&mut writer, d.mode, &reason).await;
-            }
-            ended(reason)
-        }
-        Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
-        Ended::Timeout(reason) => {
-            farewell(&mut writer, d.mode, &reason).await;
-            ended(reason)
-        }
-        Ended::Write(Ok(())) => {
-            let order = (d.close_order)();
-            let mut flushed = false;
-            if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
-                // Even a hasty close ends a session on purpose: say so, or the peer would
-                // keep it waiting to be resumed.
-                farewell(&mut writer, d.mode, &order.reason).await;
-            }
-            if order.graceful {
-                let deadline = Instant::now() + d.drain_deadline;
-                let finish = async {
-                    // Keep reading while draining, so a peer that is blocked writing to us
-                    // can make progress and read what we send.
-                    let read = inbound.run(
-                        &mut reader,
-                        &mut held,
-                        &mut batch,
-                        &mut clock,
-                        &mut handling,
-                    );
-                    let drain = async {
-                        drain(&mut writer, d.outbox, &control.replies, d.traffic, d.mode).await?;
-                        if d.mode == Mode::Sockframe {
-                            push_control(&mut writer, &close_frame(&order.reason))?;
+                if (!write_first || inbound.replied.swap(false, Ordering::Relaxed))
+                    && let Poll::Ready(res) = write.as_mut().poll(cx)
+                {
+                    return Poll::Ready(Ended::Write(res));
+                }
+                if let Some(ping) = &mut ping {
+                    while ping.poll_tick(cx).is_ready() {
+                        let hb = heartbeat.expect("ping implies heartbeat");
+                        // Checked once per interval, so a dead peer is declared after between
+                        // `misses` and `misses + 1` silent intervals.
+                        let silent = heard_frame.silence(&liveness.frames, liveness.is_paused());
+                        if silent >= hb.interval * hb.misses {
+                            return Poll::Ready(Ended::Timeout(DisconnectReason::HeartbeatTimeout));
                         }
-                        writer.shutdown().await
-                    };
-                    tokio::pin!(read);
-                    tokio::select! {
-                        _ = &mut read => return,
-                        res = drain => match res {
-                            Ok(()) => flushed = true,
-                            Err(_) => return,
-                        },
+                        nonce += 1;
+                        control.ping(nonce);
                     }
-                    // Our side is done; wait for the peer to close theirs so that nothing
-                    // we wrote is lost to a reset.
-                    read.await;
-                };
-                let _ = tokio::time::timeout_at(deadline, finish).await;
+                }
+                if let Some(idle_check) = &mut idle_check {
+                    while idle_check.poll_tick(cx).is_ready() {
+                        let idle = d.idle_timeout.expect("idle_check implies idle timeout");
+                        if heard_message.silence(&liveness.messages, liveness.is_paused()) >= idle {
+                            return Poll::Ready(Ended::Timeout(DisconnectReason::IdleTimeout));
+                        }
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
+
+        let ended = |reason| Outcome {
+            reason,
+            flushed: false,
+            farewell_received: false,
+            truncated: false,
+        };
+        let outcome = match first {
+            Ended::Read(reason) => {
+                if matches!(reason, DisconnectReason::Protocol(_)) {
+                    farewell(&mut writer, d.mode, &reason).await;
+                }
+                ended(reason)
             }
-            Outcome {
-                reason: order.reason,
-                flushed,
-                farewell_received: false,
-                truncated: false,
+            Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
+            Ended::Timeout(reason) => {
+                farewell(&mut writer, d.mode, &reason).await;
+                ended(reason)
             }
+            Ended::Write(Ok(())) => {
+                let order = (d.close_order)();
+                let mut flushed = false;
+                if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
+                    // Even a hasty close ends a session on purpose: say so, or the peer would
+                    // keep it waiting to be resumed.
+                    farewell(&mut writer, d.mode, &order.reason).await;
+                }
+                if order.graceful {
+                    let deadline = Instant::now() + d.drain_deadline;
+                    let finish = async {
+                        // Keep reading while draining, so a peer that is blocked writing to us
+                        // can make progress and read what we send.
+                        let read = inbound.run(
+                            &mut reader,
+                            &mut held,
+                            &mut batch,
+                            &mut clock,
+                            &mut handling,
+                        );
+                        let drain = async {
+                            drain(&mut writer, d.outbox, &control.replies, d.traffic, d.mode)
+                                .await?;
+                            if d.mode == Mode::Sockframe {
+                                push_control(&mut writer, &close_frame(&order.reason))?;
+                            }
+                            writer.shutdown().await
+                        };
+                        tokio::pin!(read);
+                        tokio::select! {
+                            _ = &mut read => return,
+                            res = drain => match res {
+                                Ok(()) => flushed = true,
+                                Err(_) => return,
+                            },
+                        }
+                        // Our side is done; wait for the peer to close theirs so that nothing
+                        // we wrote is lost to a reset.
+                        read.await;
+                    };
+                    let _ = tokio::time::timeout_at(deadline, finish).await;
+                }
+                Outcome {
+                    reason: order.reason,
+                    flushed,
+                    farewell_received: false,
+                    truncated: false,
+                }
+            }
+        };
+        let outcome = Outcome {
+            farewell_received: inbound.farewell.load(Ordering::Relaxed),
+            truncated: inbound.truncated.load(Ordering::Relaxed),
+            ..outcome
+        };
+        // What was read is handed over before the caller reports the end; during a close, an
+        // application that stopped reading events does not hold it up past the drain deadline.
+        let last = inbound.flush(&mut batch);
+        if d.close.is_cancelled() {
+            let _ = tokio::time::timeout(d.drain_deadline, last).await;
+        } else {
+            last.await;
         }
-    };
-    let outcome = Outcome {
-        farewell_received: inbound.farewell.load(Ordering::Relaxed),
-        truncated: inbound.truncated.load(Ordering::Relaxed),
-        ..outcome
-    };
-    // What was read is handed over before the caller reports the end; during a close, an
-    // application that stopped reading events does not hold it up past the drain deadline.
-    let last = inbound.flush(&mut batch);
-    if d.close.is_cancelled() {
-        let _ = tokio::time::timeout(d.drain_deadline, last).await;
-    } else {
-        last.await;
+        // Only now: the count includes that last batch.
+        if let (Some(acks), Some(slot)) = (&acks, received_slot) {
+            *slot = acks.received.load(Ordering::Relaxed);
+        }
+        outcome
     }
-    // Only now: the count includes that last batch.
-    if let (Some(acks), Some(slot)) = (&acks, received_slot) {
-        *slot = acks.received.load(Ordering::Relaxed);
-    }
-    outcome
 }
 
 /// Tells a sockframe peer why the connection is being closed, if that can be done quickly.
