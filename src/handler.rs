@@ -25,6 +25,12 @@
 //! (with [`FullPolicy::Disconnect`]); see
 //! [`ServerConfig::send_policy`](crate::server::ServerConfig::send_policy).
 //!
+//! One limit to know: with a lossless session and [`FullPolicy::Wait`], a reply waiting for
+//! room while the session's window is full waits for acknowledgements that arrive behind
+//! messages the connection is not reading; the same holds for an application's `send`
+//! under `Wait`. A client that reads what it is sent and does not run a window's worth
+//! of messages ahead never meets it; `FullPolicy::Disconnect` never waits.
+//!
 //! A handler must not block: while it runs, its connection reads nothing. Work that waits
 //! (a database, another client's queue) belongs on the event stream, or in a task the
 //! handler hands the message to.
