@@ -246,7 +246,7 @@ pub(crate) const MAX_BATCH: usize = 256;
 /// cost 2 KiB per connection, idle or not. Both halves run in one task; atomics only
 /// because the connection's future must be `Send`.
 #[derive(Debug)]
-struct Control {
+struct Control<'a> {
     /// A ping to send, and its nonce.
     ping: std::sync::atomic::AtomicBool,
     ping_nonce: AtomicU64,
@@ -259,12 +259,13 @@ struct Control {
     wake: tokio::sync::Notify,
     /// Wakes a reader waiting for the pending pong to be taken.
     pong_taken: tokio::sync::Notify,
-    /// A handler's replies (not control frames, but handed over the same way).
-    replies: Replies,
+    /// A handler's replies (not control frames, but handed over the same way). Owned by
+    /// the caller: what is queued outlives the connection, for a session's next one.
+    replies: &'a Replies,
 }
 
-impl Control {
-    fn new(reply_limits: crate::OutboxLimits) -> Self {
+impl<'a> Control<'a> {
+    fn new(replies: &'a Replies) -> Self {
         Control {
             ping: Default::default(),
             ping_nonce: Default::default(),
@@ -273,7 +274,7 @@ impl Control {
             ack: Default::default(),
             wake: Default::default(),
             pong_taken: Default::default(),
-            replies: Replies::new(reply_limits),
+            replies,
         }
     }
 
@@ -305,7 +306,7 @@ impl Control {
 /// and `drive` polls the writer right after the reader whenever the reader queued one.
 /// Bounded like an outbox, by the connection's [`OutboxLimits`](crate::OutboxLimits).
 #[derive(Debug)]
-struct Replies {
+pub(crate) struct Replies {
     /// A mutex only to be `Sync`: both halves of one task use it, never at once.
     queue: std::sync::Mutex<VecDeque<Message>>,
     /// Payload bytes queued.
@@ -316,7 +317,8 @@ struct Replies {
 }
 
 impl Replies {
-    fn new(limits: crate::OutboxLimits) -> Self {
+    /// An empty queue bounded by `limits`.
+    pub(crate) fn new(limits: crate::OutboxLimits) -> Self {
         Replies {
             queue: Default::default(),
             bytes: Default::default(),
@@ -342,6 +344,14 @@ impl Replies {
         self.bytes.store(bytes + reply.len(), Ordering::Relaxed);
         queue.push_back(reply);
         Ok(())
+    }
+
+    /// Queues `reply` whatever the bounds: a reply that was waiting for room when its
+    /// connection ended, kept for the next connection of the session (one over the bound
+    /// at most).
+    fn keep(&self, reply: Message) {
+        self.bytes.fetch_add(reply.len(), Ordering::Relaxed);
+        self.lock().push_back(reply);
     }
 
     /// Takes the next reply.
@@ -623,8 +633,10 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) handler: Option<&'a mut dyn Handler>,
     /// What a handler's reply does when the replies waiting are at `reply_limits`.
     pub(crate) reply_policy: FullPolicy,
-    /// Bounds on a handler's replies waiting to be written (the outbox's limits).
-    pub(crate) reply_limits: crate::OutboxLimits,
+    /// A handler's replies waiting to be written, bounded by the outbox's limits. Owned by
+    /// the caller so that, with a session, replies not yet written when the connection
+    /// ends go out on the next one, first.
+    pub(crate) replies: &'a Replies,
 }
 
 /// A connection's [`Handler`], and its reply while that waits for room in the outbox.
@@ -689,7 +701,7 @@ where
     // Not an `async fn`: its arguments would be kept twice in the future (as arguments and
     // as the locals they are moved into), 392 bytes of every connection's task, idle or not.
     async move {
-        let control = Control::new(d.reply_limits);
+        let control = Control::new(d.replies);
         let liveness = Liveness::default();
         let (retained, received_slot) = match d.session {
             Some(session) if d.mode == Mode::Sockframe => {
@@ -846,7 +858,7 @@ where
                             &mut handling,
                         );
                         let drain = async {
-                            drain(&mut writer, d.outbox, &control.replies, d.traffic, d.mode)
+                            drain(&mut writer, d.outbox, control.replies, d.traffic, d.mode)
                                 .await?;
                             if d.mode == Mode::Sockframe {
                                 push_control(&mut writer, &close_frame(&order.reason))?;
@@ -887,6 +899,11 @@ where
             let _ = tokio::time::timeout(d.drain_deadline, last).await;
         } else {
             last.await;
+        }
+        // A reply still waiting for room was counted with its message: it must not be lost
+        // with this connection.
+        if let Some(reply) = handling.and_then(|h| h.reply) {
+            d.replies.keep(reply);
         }
         // Only now: the count includes that last batch.
         if let (Some(acks), Some(slot)) = (&acks, received_slot) {
@@ -962,7 +979,7 @@ struct Inbound<'a, E, M, R> {
     on_request: &'a R,
     reply: &'a OutboxSender,
     pending: &'a Pending,
-    control: &'a Control,
+    control: &'a Control<'a>,
     traffic: &'a Traffic,
     liveness: &'a Liveness,
     /// The session's counters, when the connection carries one.
@@ -1294,12 +1311,7 @@ where
             None => Message::untyped(held.take().expect("held frame")),
             Some(kind) => Message::from_wire(kind, self.message_body(held, kind)?),
         };
-        let len = message.len();
-        if let Some(acks) = self.acks {
-            acks.add_bytes(len);
-        }
-        self.traffic.add_in(len);
-        self.liveness.message();
+        self.count_in(message.len());
         h.reply = h.handler.message(message);
         if let Some(acks) = self.acks {
             acks.received_one();
@@ -1389,12 +1401,18 @@ where
     /// The held frame becomes an event in the batch.
     fn accept(&self, held: &mut Option<Bytes>, event: E, len: usize, batch: &mut Vec<E>) {
         held.take();
+        self.count_in(len);
+        batch.push(event);
+    }
+
+    /// Counts an application message of `len` bytes taken in: traffic, liveness, and the
+    /// session's unacknowledged bytes.
+    fn count_in(&self, len: usize) {
         if let Some(acks) = self.acks {
             acks.add_bytes(len);
         }
         self.traffic.add_in(len);
         self.liveness.message();
-        batch.push(event);
     }
 
     /// Hands the batch to the application, waiting for room in the event stream.
@@ -1440,7 +1458,7 @@ where
 async fn write_loop<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
-    control: &Control,
+    control: &Control<'_>,
     close: &CancellationToken,
     traffic: &Traffic,
     mode: Mode,
@@ -1552,7 +1570,7 @@ impl<W: AsyncWrite + Unpin> Lane<'_, W> {
 
     /// The control frames that are due; an acknowledgement only gets its count when the
     /// batch is complete.
-    fn control(&mut self, control: &Control) -> io::Result<()> {
+    fn control(&mut self, control: &Control<'_>) -> io::Result<()> {
         if control.ping.swap(false, Ordering::Acquire) {
             push_control(
                 self.writer,

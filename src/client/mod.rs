@@ -596,6 +596,8 @@ async fn run(
             };
             let _ = events.send(vec![event]).await;
         }
+        // Unused (a client has no message handler), but `drive` takes one.
+        let replies = crate::connection::Replies::new(config.outbox);
         let outcome = drive(
             link.reader,
             link.writer,
@@ -627,7 +629,7 @@ async fn run(
                 transfers: (config.protocol == Mode::Sockframe).then(|| transfers.inbox()),
                 handler: None,
                 reply_policy: crate::FullPolicy::Wait,
-                reply_limits: config.outbox,
+                replies: &replies,
             },
         )
         .await;

@@ -216,10 +216,7 @@ impl std::fmt::Debug for Inner {
 impl Server {
     /// Listens on `config.bind` and starts accepting clients.
     pub async fn bind(config: ServerConfig) -> Result<(Server, ServerEvents)> {
-        let listener = listen(config.bind, config.backlog).map_err(|source| Error::Bind {
-            addr: config.bind.to_string(),
-            source,
-        })?;
+        let listener = listen_on(&config)?;
         Self::from_listener(listener, config)
     }
 
@@ -237,10 +234,7 @@ impl Server {
         F: Fn(ClientId, SocketAddr) -> H + Send + Sync + 'static,
         H: crate::Handler,
     {
-        let listener = listen(config.bind, config.backlog).map_err(|source| Error::Bind {
-            addr: config.bind.to_string(),
-            source,
-        })?;
+        let listener = listen_on(&config)?;
         Self::from_listener_with_handler(listener, config, make)
     }
 
@@ -523,6 +517,14 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// Listens on `config.bind` with `config.backlog`, naming the address in the error.
+fn listen_on(config: &ServerConfig) -> Result<TcpListener> {
+    listen(config.bind, config.backlog).map_err(|source| Error::Bind {
+        addr: config.bind.to_string(),
+        source,
+    })
+}
+
 async fn accept_loop(
     inner: Arc<Inner>,
     listener: TcpListener,
@@ -747,6 +749,7 @@ async fn serve_stream<S>(
             outbox,
             registration,
             handler,
+            replies,
         } = parked;
         let link = Link {
             reader,
@@ -760,6 +763,7 @@ async fn serve_stream<S>(
             outbox,
             session: Some(session),
             handler,
+            replies,
         };
         return run_client(inner, link, kept, events, permit).await;
     }
@@ -857,6 +861,7 @@ async fn serve_stream<S>(
         outbox: outbox_rx,
         session,
         handler,
+        replies: crate::connection::Replies::new(config.outbox),
     };
     run_client(inner, link, kept, events, permit).await;
 }
@@ -867,6 +872,8 @@ struct Kept {
     outbox: crate::outbox::OutboxReceiver,
     session: Option<Session>,
     handler: Option<Box<dyn crate::Handler>>,
+    /// The handler's replies not yet written (see [`Parked::replies`]).
+    replies: crate::connection::Replies,
 }
 
 /// One connection of a client, after its handshake.
@@ -898,6 +905,7 @@ async fn run_client<R, W>(
         outbox: mut outbox_rx,
         mut session,
         mut handler,
+        replies,
     } = kept;
     let config = &inner.config;
     let handle = registration.handle.clone();
@@ -931,7 +939,7 @@ async fn run_client<R, W>(
             transfers: transfers.as_ref().map(|t| t.inbox()),
             handler: handler.as_deref_mut().map(|h| h as &mut dyn crate::Handler),
             reply_policy: config.send_policy,
-            reply_limits: config.outbox,
+            replies: &replies,
         },
     )
     .await;
@@ -964,6 +972,7 @@ async fn run_client<R, W>(
             outbox: outbox_rx,
             registration,
             handler,
+            replies,
         });
         let expiry = tokio::time::sleep(grace);
         tokio::pin!(expiry);

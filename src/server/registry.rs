@@ -115,6 +115,8 @@ pub(crate) struct Parked {
     pub(crate) registration: Registration,
     /// The client's message handler, kept with its state for the next connection.
     pub(crate) handler: Option<Box<dyn crate::handler::Handler>>,
+    /// The handler's replies not yet written, which the next connection writes first.
+    pub(crate) replies: crate::connection::Replies,
 }
 
 impl std::fmt::Debug for Parked {
@@ -124,6 +126,7 @@ impl std::fmt::Debug for Parked {
             .field("outbox", &self.outbox)
             .field("registration", &self.registration)
             .field("handler", &self.handler.is_some())
+            .field("replies", &self.replies)
             .finish()
     }
 }
