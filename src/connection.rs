@@ -1017,6 +1017,19 @@ where
             {
                 return reason;
             }
+            if held.is_none()
+                && let Some(h) = handling.as_mut()
+                && batch.is_empty()
+                && self.bucket.is_none()
+                && !self.refuse_late_hello.load(Ordering::Relaxed)
+            {
+                if let Err(reason) = self.drain_to_handler(reader, held, h) {
+                    return reason;
+                }
+                if h.reply.is_some() {
+                    continue;
+                }
+            }
             if held.is_none() {
                 // Frames already complete in the buffer join the batch without waiting;
                 // before waiting for more bytes, the batch is handed over.
@@ -1231,6 +1244,73 @@ where
                 }
             }
         }
+    }
+
+    /// The handler's fast path: every message already complete in the read buffer goes to
+    /// the handler in one synchronous loop, and the counters are added once for all of them.
+    ///
+    /// `run`'s loop is general (events, requests, control frames, waits at every step), and
+    /// going round it once per message was, with small messages, as much work as the
+    /// message itself. Here a message costs its decoding, the handler's call, and its reply.
+    ///
+    /// Returns when the buffer holds no complete frame; or leaves in `held` a frame that
+    /// needs the general path (not a message, or a decoding error, which that path reports);
+    /// or leaves in `h.reply` a reply that found the queue full (under `Wait`: `run` waits
+    /// for room, reading nothing meanwhile). The caller checks that there is no rate limit,
+    /// no undelivered event and no late hello to watch for, which this path does not handle.
+    fn drain_to_handler<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+        held: &mut Option<Bytes>,
+        h: &mut Handling<'_>,
+    ) -> Result<(), DisconnectReason> {
+        let (mut frames, mut messages, mut bytes) = (0u64, 0u64, 0u64);
+        let result = loop {
+            let Ok(Some(frame)) = reader.try_frame() else {
+                // No complete frame, or an error the general path reads again and reports.
+                break Ok(());
+            };
+            frames += 1;
+            let message = if self.mode == Mode::Tutorial {
+                Message::untyped(frame)
+            } else if let Some(kind) = wire::message_kind(&frame) {
+                *held = Some(frame);
+                match self.message_body(held, kind) {
+                    Ok(body) => Message::from_wire(kind, body),
+                    Err(reason) => break Err(reason),
+                }
+            } else {
+                *held = Some(frame);
+                break Ok(());
+            };
+            let len = message.len();
+            messages += 1;
+            bytes += len as u64;
+            if let Some(acks) = self.acks {
+                acks.add_bytes(len);
+            }
+            let reply = h.handler.message(message);
+            if let Some(acks) = self.acks {
+                acks.received_one();
+            }
+            if let Some(reply) = reply {
+                match self.control.replies.try_push(reply) {
+                    Ok(()) => self.replied.store(true, Ordering::Relaxed),
+                    Err(_) if h.policy == FullPolicy::Disconnect => {
+                        break Err(DisconnectReason::SlowConsumer);
+                    }
+                    Err(reply) => {
+                        h.reply = Some(reply);
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        bump(&self.liveness.frames, frames);
+        bump(&self.liveness.messages, messages);
+        bump(&self.traffic.messages_in, messages);
+        bump(&self.traffic.bytes_in, bytes);
+        result
     }
 
     /// Reads the next frame; a frame that has started must finish within the frame timeout.

@@ -9,14 +9,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use sockframe::client::{Backoff, Client, ClientConfig, ClientEvent};
+use sockframe::codec::TutorialCodec;
+use sockframe::protocol::message::{self as wire, Frame};
 use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
 use sockframe::{DisconnectReason, FullPolicy, Message, MessageKind, OutboxLimits};
 use support::proxy::{FaultConfig, FaultProxy};
+use support::raw::{raw_handshake, typed};
 use support::{WAIT, config, frame, next_connected, next_event, next_message, tutorial_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_util::codec::Decoder;
 
 /// A server whose handlers answer each message with `<client id>:<count>:<message>`.
 async fn numbering_server(config: ServerConfig) -> (Server, ServerEvents) {
@@ -344,4 +349,113 @@ async fn a_peer_that_never_reads_is_a_slow_consumer_under_disconnect() {
     assert_eq!(client, id);
     assert_eq!(reason, DisconnectReason::SlowConsumer);
     server.shutdown().await;
+}
+
+/// Many frames in one write: the handler takes every message of a full read buffer in one
+/// pass (the fast path), and must still see them one by one and in order, leave control
+/// frames to the connection, count every message and byte, and refuse a bad one with a
+/// protocol error for that client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (server, mut events) = Server::bind_with_handler(config(), move |_, _| {
+        let log = log.clone();
+        move |message: Message| {
+            log.lock().unwrap().push(message.clone());
+            // Every hundredth message is answered: replies interleave with the burst.
+            (log.lock().unwrap().len() % 100 == 0).then_some(message)
+        }
+    })
+    .await
+    .unwrap();
+    let (mut raw, _) = raw_handshake(server.local_addr(), "burst").await;
+    let id = next_connected(&mut events).await;
+
+    // 2,000 messages, text and binary alternating in runs, with a ping in the middle.
+    let mut burst = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..2_000u32 {
+        let (kind, body) = if (n / 7) % 2 == 0 {
+            (wire::Kind::Text, Bytes::from(format!("text {n}")))
+        } else {
+            (wire::Kind::Binary, Bytes::from(n.to_le_bytes().to_vec()))
+        };
+        burst.extend(typed(&Frame::Message {
+            kind,
+            body: body.clone(),
+        }));
+        expected.push((kind == wire::Kind::Text, body));
+        if n == 1_000 {
+            burst.extend(typed(&Frame::Ping(42)));
+        }
+    }
+    let bytes: usize = expected.iter().map(|(_, b)| b.len()).sum();
+    raw.write_all(&burst).await.unwrap();
+
+    // 20 replies and one pong, in some order with each other.
+    let (mut replies, mut pongs) = (0, 0);
+    let mut codec = TutorialCodec::new();
+    let mut buf = BytesMut::new();
+    timeout(WAIT, async {
+        while replies < 20 || pongs < 1 {
+            match codec.decode(&mut buf).unwrap() {
+                Some(payload) => match wire::parse(&payload).unwrap() {
+                    Frame::Message { .. } => replies += 1,
+                    Frame::Pong(42) => pongs += 1,
+                    other => panic!("unexpected {other:?}"),
+                },
+                None => assert_ne!(raw.read_buf(&mut buf).await.unwrap(), 0, "closed early"),
+            }
+        }
+    })
+    .await
+    .expect("replies and the pong in time");
+    let got: Vec<(bool, Bytes)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| (m.kind() == MessageKind::Text, m.payload().clone()))
+        .collect();
+    assert_eq!(got, expected);
+    let info = server.clients().into_iter().find(|c| c.id == id).unwrap();
+    assert_eq!((info.messages_in, info.bytes_in), (2_000, bytes as u64));
+
+    // Text that is not UTF-8, behind a good message: the good one is handled, then the
+    // client is refused with a protocol error.
+    let mut bad = typed(&Frame::Message {
+        kind: wire::Kind::Text,
+        body: Bytes::from_static(b"last good"),
+    });
+    let mut invalid = wire::encode(&Frame::Message {
+        kind: wire::Kind::Binary,
+        body: Bytes::from_static(&[0xff, 0xfe]),
+    })
+    .to_vec();
+    invalid[0] = wire::frame_type::TEXT;
+    bad.extend(frame(&invalid));
+    raw.write_all(&bad).await.unwrap();
+    match wait_for_disconnect(&mut events, id).await {
+        DisconnectReason::Protocol(d) => assert!(d.contains("UTF-8"), "{d}"),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(
+        seen.lock().unwrap().last().unwrap().as_text(),
+        Some("last good")
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2_001);
+    server.shutdown().await;
+}
+
+/// The reason `client` left, skipping other events; fails after [`WAIT`].
+async fn wait_for_disconnect(events: &mut ServerEvents, client: ClientId) -> DisconnectReason {
+    match support::wait_for(
+        events,
+        |e| matches!(e, ServerEvent::Disconnected { client: c, .. } if *c == client),
+    )
+    .await
+    {
+        ServerEvent::Disconnected { reason, .. } => reason,
+        _ => unreachable!(),
+    }
 }

@@ -33,16 +33,17 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use sockframe::client::{Client, ClientConfig, ClientEvent, ClientSender};
 use sockframe::codec::TutorialCodec;
-use sockframe::protocol::message::{self as wire, Frame, Hello, Welcome, close_code, frame_type};
+use sockframe::protocol::message::{self as wire, Frame, close_code, frame_type};
 use sockframe::server::{ClientId, ProtocolMode, Server, ServerConfig, ServerEvent, ServerEvents};
 use sockframe::{DisconnectReason, Heartbeat, Message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::codec::Decoder;
 
+use support::raw::{connect, raw_handshake, read_until_closed, typed, typed_frames};
 use support::{WAIT, frame, rss_bytes};
 
 const MIB: u64 = 1024 * 1024;
@@ -400,64 +401,6 @@ async fn connect_from(from: Ipv4Addr, server: SocketAddr) -> TcpStream {
         .await
         .expect("connect in time")
         .expect("connect")
-}
-
-async fn connect(server: SocketAddr) -> TcpStream {
-    timeout(WAIT, TcpStream::connect(server))
-        .await
-        .expect("connect in time")
-        .expect("connect")
-}
-
-/// Reads until the server closes the connection (end of stream or reset); returns what was
-/// read. Fails the test if the connection stays open for [`WAIT`].
-async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
-    timeout(WAIT, async {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return all,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .expect("the server closed the attacker's connection")
-}
-
-/// The sockframe frames in `bytes` (a tutorial frame each).
-fn typed_frames(bytes: &[u8]) -> Vec<Frame> {
-    let mut buf = BytesMut::from(bytes);
-    let mut codec = TutorialCodec::new();
-    let mut frames = Vec::new();
-    while let Ok(Some(payload)) = codec.decode(&mut buf) {
-        frames.push(wire::parse(&payload).expect("the server sends valid frames"));
-    }
-    frames
-}
-
-/// A sockframe handshake by hand: the hello, then the welcome.
-async fn raw_handshake(server: SocketAddr, name: &str) -> (TcpStream, Welcome) {
-    let mut stream = connect(server).await;
-    let hello = wire::encode_hello(&Hello::new(name, Bytes::new()));
-    stream.write_all(&frame(&hello)).await.unwrap();
-    let mut header = [0u8; 4];
-    timeout(WAIT, stream.read_exact(&mut header))
-        .await
-        .expect("the welcome in time")
-        .expect("the welcome");
-    let mut payload = vec![0; u32::from_le_bytes(header) as usize];
-    stream.read_exact(&mut payload).await.unwrap();
-    match wire::parse(&Bytes::from(payload)).unwrap() {
-        Frame::Welcome(w) => (stream, w),
-        other => panic!("expected a welcome, got {other:?}"),
-    }
-}
-
-/// A sockframe frame inside a tutorial frame.
-fn typed(f: &Frame) -> Vec<u8> {
-    frame(&wire::encode(f))
 }
 
 /// A small seeded generator (xorshift64*): reproducible "random" bytes without a

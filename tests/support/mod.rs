@@ -3,6 +3,7 @@
 
 pub mod leak;
 pub mod proxy;
+pub mod raw;
 pub mod transfer;
 
 use std::time::Duration;
