@@ -100,6 +100,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         codec.decode(self.inner.read_buffer_mut())
     }
 
+    /// Gives the read buffer's memory back if it holds nothing; the next bytes to arrive
+    /// allocate it again. For a connection that may now stay quiet for long, such as one
+    /// that has just finished its handshake: 8 KiB of its idle cost otherwise.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+    }
+
     /// Bytes received but not yet handed out (part of a frame still arriving).
     pub fn buffered(&self) -> usize {
         self.inner.read_buffer().len()

@@ -704,6 +704,9 @@ async fn serve_stream<S>(
         // `max_frame` bounds bodies; typed frames carry a few bytes of head besides.
         reader.set_max_frame(config.max_frame + HEAD_ROOM);
         writer.set_max_frame(config.max_frame + HEAD_ROOM);
+        // The hello made the reader take its working buffer; a client may stay quiet for
+        // long after it (10,000 idle sockframe clients: 8 KiB each).
+        reader.release_buffer();
     }
     // Who may resume this client's session: its certificate's name, else its token.
     let principal = match &cert_name {
