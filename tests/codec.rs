@@ -552,3 +552,29 @@ fn a_large_announced_frame_is_reserved_in_steps_as_it_arrives() {
     );
     assert!(buf.capacity() >= 1024 * 1024, "capacity {}", buf.capacity());
 }
+
+/// A read that fills the whole buffer means a busy peer: the buffer grows to 64 KiB for the
+/// next reads, and the frames in it decode as before. A buffer with room left stays as it is.
+#[test]
+fn a_read_buffer_that_fills_grows_and_one_with_room_does_not() {
+    let payload = [7u8; 64];
+    let whole: Vec<u8> = (0..200).flat_map(|_| frame(&payload)).collect();
+    for (filled, grows) in [(8192, true), (8191, false)] {
+        let mut buf = BytesMut::with_capacity(8192);
+        assert_eq!(buf.capacity(), 8192);
+        buf.extend_from_slice(&whole[..filled]);
+        let mut codec = TutorialCodec::new();
+        let first = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(&first[..], &payload[..]);
+        // Room from the second frame on: the buffer, less the first frame.
+        assert_eq!(buf.capacity() + 68 >= 64 * 1024, grows, "filled {filled}");
+        let mut frames = 1;
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            assert_eq!(&f[..], &payload[..]);
+            frames += 1;
+        }
+        // 8192 bytes hold 120 whole frames of 68 bytes, and part of the next.
+        assert_eq!(frames, 120);
+        assert_eq!(buf.len(), filled - 120 * 68);
+    }
+}
