@@ -741,6 +741,7 @@ where
             truncated: std::sync::atomic::AtomicBool::new(false),
             transfers: d.transfers,
             replied: std::sync::atomic::AtomicBool::new(false),
+            batch_hint: std::sync::atomic::AtomicUsize::new(0),
         };
 
         // Events read but not yet handed over; outside the read future so that dropping that
@@ -1000,6 +1001,9 @@ struct Inbound<'a, E, M, R> {
     transfers: Option<&'a crate::transfer::Inbox>,
     /// Set when a handler's reply was queued: `drive` then polls the writer at once.
     replied: std::sync::atomic::AtomicBool,
+    /// How many events the last batch held: the next one starts with room for as many, not
+    /// growing (and copying) from 4 to 256 (see [`accept`](Self::accept)).
+    batch_hint: std::sync::atomic::AtomicUsize,
 }
 
 impl<E, M, R> Inbound<'_, E, M, R>
@@ -1491,6 +1495,11 @@ where
     fn accept(&self, held: &mut Option<Bytes>, event: E, len: usize, batch: &mut Vec<E>) {
         held.take();
         self.count_in(len);
+        // A batch handed over leaves no buffer behind (an idle connection keeps none); the
+        // next takes its room when its first event arrives.
+        if batch.capacity() == 0 {
+            batch.reserve_exact(self.batch_hint.load(Ordering::Relaxed).clamp(1, MAX_BATCH));
+        }
         batch.push(event);
     }
 
@@ -1525,6 +1534,7 @@ where
             }
         };
         let count = batch.len() as u64;
+        self.batch_hint.store(batch.len(), Ordering::Relaxed);
         match slot {
             Ok(slot) => slot.send(std::mem::take(batch)),
             // Without a listener events are discarded, but the connection is still served.
