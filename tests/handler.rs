@@ -351,24 +351,39 @@ async fn a_peer_that_never_reads_is_a_slow_consumer_under_disconnect() {
     server.shutdown().await;
 }
 
-/// Many frames in one write: the handler takes every message of a full read buffer in one
-/// pass (the fast path), and must still see them one by one and in order, leave control
-/// frames to the connection, count every message and byte, and refuse a bad one with a
-/// protocol error for that client.
+/// Many frames in one write: every message of a full read buffer is taken in one pass (the
+/// fast path), by a handler or into the event stream, and must still arrive one by one and in
+/// order, leave control frames to the connection, be counted (messages and bytes), and a bad
+/// one must end that client with a protocol error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
+    burst(true).await;
+}
+
+/// [`a_burst_in_one_write_reaches_the_handler_in_order_and_counted`], through the event
+/// stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_in_one_write_reaches_the_event_stream_in_order_and_counted() {
+    burst(false).await;
+}
+
+async fn burst(with_handler: bool) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    let (server, mut events) = Server::bind_with_handler(config(), move |_, _| {
-        let log = log.clone();
-        move |message: Message| {
-            log.lock().unwrap().push(message.clone());
-            // Every hundredth message is answered: replies interleave with the burst.
-            (log.lock().unwrap().len() % 100 == 0).then_some(message)
-        }
-    })
-    .await
-    .unwrap();
+    let (server, mut events) = if with_handler {
+        Server::bind_with_handler(config(), move |_, _| {
+            let log = log.clone();
+            move |message: Message| {
+                log.lock().unwrap().push(message.clone());
+                // Every hundredth message is answered: replies interleave with the burst.
+                (log.lock().unwrap().len() % 100 == 0).then_some(message)
+            }
+        })
+        .await
+        .unwrap()
+    } else {
+        Server::bind(config()).await.unwrap()
+    };
     let (mut raw, _) = raw_handshake(server.local_addr(), "burst").await;
     let id = next_connected(&mut events).await;
 
@@ -392,13 +407,19 @@ async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
     }
     let bytes: usize = expected.iter().map(|(_, b)| b.len()).sum();
     raw.write_all(&burst).await.unwrap();
+    if !with_handler {
+        let (taken, reason) = take_events(&mut events, 2_000).await;
+        assert_eq!(reason, None);
+        seen.lock().unwrap().extend(taken);
+    }
 
-    // 20 replies and one pong, in some order with each other.
+    // The pong, and with a handler 20 replies, in some order with each other.
+    let want_replies = if with_handler { 20 } else { 0 };
     let (mut replies, mut pongs) = (0, 0);
     let mut codec = TutorialCodec::new();
     let mut buf = BytesMut::new();
     timeout(WAIT, async {
-        while replies < 20 || pongs < 1 {
+        while replies < want_replies || pongs < 1 {
             match codec.decode(&mut buf).unwrap() {
                 Some(payload) => match wire::parse(&payload).unwrap() {
                     Frame::Message { .. } => replies += 1,
@@ -421,8 +442,8 @@ async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
     let info = server.clients().into_iter().find(|c| c.id == id).unwrap();
     assert_eq!((info.messages_in, info.bytes_in), (2_000, bytes as u64));
 
-    // Text that is not UTF-8, behind a good message: the good one is handled, then the
-    // client is refused with a protocol error.
+    // Text that is not UTF-8, behind a good message: the good one is taken, then the client
+    // is refused with a protocol error.
     let mut bad = typed(&Frame::Message {
         kind: wire::Kind::Text,
         body: Bytes::from_static(b"last good"),
@@ -435,27 +456,37 @@ async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
     invalid[0] = wire::frame_type::TEXT;
     bad.extend(frame(&invalid));
     raw.write_all(&bad).await.unwrap();
-    match wait_for_disconnect(&mut events, id).await {
+    let (taken, reason) = take_events(&mut events, usize::MAX).await;
+    seen.lock().unwrap().extend(taken);
+    match reason.expect("a disconnect") {
         DisconnectReason::Protocol(d) => assert!(d.contains("UTF-8"), "{d}"),
         other => panic!("expected a protocol error, got {other:?}"),
     }
-    assert_eq!(
-        seen.lock().unwrap().last().unwrap().as_text(),
-        Some("last good")
-    );
-    assert_eq!(seen.lock().unwrap().len(), 2_001);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.last().unwrap().as_text(), Some("last good"));
+        assert_eq!(seen.len(), 2_001);
+    }
     server.shutdown().await;
 }
 
-/// The reason `client` left, skipping other events; fails after [`WAIT`].
-async fn wait_for_disconnect(events: &mut ServerEvents, client: ClientId) -> DisconnectReason {
-    match support::wait_for(
-        events,
-        |e| matches!(e, ServerEvent::Disconnected { client: c, .. } if *c == client),
-    )
+/// Messages from the event stream, until `until` of them or a disconnect (and its reason).
+async fn take_events(
+    events: &mut ServerEvents,
+    until: usize,
+) -> (Vec<Message>, Option<DisconnectReason>) {
+    let mut taken = Vec::new();
+    let mut reason = None;
+    timeout(WAIT, async {
+        while taken.len() < until && reason.is_none() {
+            match events.recv().await.expect("events") {
+                ServerEvent::Message { message, .. } => taken.push(message),
+                ServerEvent::Disconnected { reason: r, .. } => reason = Some(r),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
     .await
-    {
-        ServerEvent::Disconnected { reason, .. } => reason,
-        _ => unreachable!(),
-    }
+    .expect("events in time");
+    (taken, reason)
 }

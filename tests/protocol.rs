@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use sockframe::client::{Backoff, Client, ClientConfig, ClientEvent};
 use sockframe::protocol::message::{
-    self as wire, Frame, Hello, Kind, RejectCode, Welcome, close_code, error_code,
+    self as wire, Frame, Kind, RejectCode, Welcome, close_code, error_code,
 };
 use sockframe::server::{ClientId, ProtocolMode, ServerConfig, ServerEvent, ServerEvents};
 use sockframe::{DisconnectReason, Error, Heartbeat, Message, MessageKind, Mode};
@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
+use support::raw::{raw_handshake, typed};
 use support::{WAIT, frame, next_connected, next_event, next_message, start_server_with};
 
 // Helpers ----------------------------------------------------------------------------------------
@@ -159,22 +160,6 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     })
     .await
     .expect("timed out: the peer did not close the connection")
-}
-
-/// Opens a sockframe connection by hand: a hello as a tutorial frame, then the welcome.
-async fn raw_handshake(addr: SocketAddr, name: &str) -> (TcpStream, Welcome) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect raw socket");
-    let hello = wire::encode_hello(&Hello::new(name, Bytes::new()));
-    stream.write_all(&frame(&hello)).await.expect("send hello");
-    match read_typed(&mut stream).await {
-        Frame::Welcome(welcome) => (stream, welcome),
-        other => panic!("expected a welcome, got {other:?}"),
-    }
-}
-
-/// A sockframe frame as it goes on the wire: the encoded frame inside a tutorial frame.
-fn typed(frame_: &Frame) -> Vec<u8> {
-    frame(&wire::encode(frame_))
 }
 
 // (1) Tutorial and sockframe peers on one server -------------------------------------------------
