@@ -816,30 +816,33 @@ async fn secure(config: &ClientConfig, stream: TcpStream) -> Result<(ReadStream,
     if let Some(tls) = &config.tls {
         let name = tls.server_name(&config.addr)?;
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        let stream =
-            tokio::time::timeout(config.handshake_timeout, connector.connect(name, stream))
-                .await
-                .map_err(|_| Error::Handshake {
+        let stream = tokio::time::timeout(
+            config.handshake_timeout,
+            connector.connect(name, crate::tls::ReadAhead::new(stream)),
+        )
+        .await
+        .map_err(|_| Error::Handshake {
+            addr: config.addr.clone(),
+            detail: format!("no TLS handshake within {:?}", config.handshake_timeout),
+        })?
+        .map_err(|e| {
+            let detail = crate::reason::plain_io_message(&e);
+            // rustls reports certificate and protocol failures as invalid data; those
+            // would fail the same way again. Other errors (reset, closed) may not.
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                Error::Certificate {
                     addr: config.addr.clone(),
-                    detail: format!("no TLS handshake within {:?}", config.handshake_timeout),
-                })?
-                .map_err(|e| {
-                    let detail = crate::reason::plain_io_message(&e);
-                    // rustls reports certificate and protocol failures as invalid data; those
-                    // would fail the same way again. Other errors (reset, closed) may not.
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        Error::Certificate {
-                            addr: config.addr.clone(),
-                            detail,
-                        }
-                    } else {
-                        Error::Handshake {
-                            addr: config.addr.clone(),
-                            detail: format!("TLS: {detail}"),
-                        }
-                    }
-                })?;
-        let (r, w) = tokio::io::split(stream);
+                    detail,
+                }
+            } else {
+                Error::Handshake {
+                    addr: config.addr.clone(),
+                    detail: format!("TLS: {detail}"),
+                }
+            }
+        })?;
+        // Writes of whole records: see `RecordWrites` for why.
+        let (r, w) = tokio::io::split(crate::tls::RecordWrites(stream));
         return Ok((Box::new(r), Box::new(w)));
     }
     let _ = config;

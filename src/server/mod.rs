@@ -655,7 +655,8 @@ async fn serve_tls(
     let Some(tls) = &inner.config.tls else {
         return;
     };
-    let accept = tls.acceptor().accept(stream);
+    // Large socket reads under rustls's small ones: see `ReadAhead`.
+    let accept = tls.acceptor().accept(crate::tls::ReadAhead::new(stream));
     let stream = match tokio::time::timeout(inner.config.handshake_timeout, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -673,6 +674,8 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(crate::tls::certificate_name);
+    // Writes of whole records: see `RecordWrites` for why.
+    let stream = crate::tls::RecordWrites(stream);
     serve_stream(inner, stream, addr, events, permit, cert_name).await
 }
 

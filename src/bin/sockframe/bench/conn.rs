@@ -7,7 +7,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
-use sockframe::tls::{ClientTls, ClientTlsOptions};
+use sockframe::tls::{ClientTls, ClientTlsOptions, ReadAhead, RecordWrites};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -22,8 +22,10 @@ use crate::peer::Protocol;
 pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
-    /// TLS over TCP (boxed: the TLS state is large).
-    Tls(Box<TlsStream<TcpStream>>),
+    /// TLS over TCP (boxed: the TLS state is large), writing whole records at offsets that
+    /// keep rustls's plaintext copy fast (see [`RecordWrites`]) and reading the socket in
+    /// large reads (see [`ReadAhead`]).
+    Tls(Box<RecordWrites<TlsStream<ReadAhead<TcpStream>>>>),
 }
 
 impl AsyncRead for Stream {
@@ -145,12 +147,12 @@ impl Connector {
         tcp.set_nodelay(true)?;
         let mut stream = match &self.tls {
             None => Stream::Plain(tcp),
-            Some((connector, name)) => Stream::Tls(Box::new(
+            Some((connector, name)) => Stream::Tls(Box::new(RecordWrites(
                 connector
-                    .connect(name.clone(), tcp)
+                    .connect(name.clone(), ReadAhead::new(tcp))
                     .await
                     .with_context(|| format!("TLS handshake with {addr} failed"))?,
-            )),
+            ))),
         };
         // Small: idle connections keep this buffer; the load loops grow it.
         let mut inbuf = BytesMut::with_capacity(64);
