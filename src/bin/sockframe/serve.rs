@@ -244,7 +244,11 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         Server::bind(config).await?
     };
-    eprintln!("listening on {}", server.local_addr());
+    // One write for the whole line: `eprintln!` writes each piece of its format on its own
+    // (stderr is unbuffered), and a script reading the log may catch the line without its
+    // port.
+    let line = format!("listening on {}\n", server.local_addr());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     if io::IsTerminal::is_terminal(&io::stdin()) {
         eprintln!("{USAGE}");
     }
