@@ -577,4 +577,9 @@ fn a_read_buffer_that_fills_grows_and_one_with_room_does_not() {
         assert_eq!(frames, 120);
         assert_eq!(buf.len(), filled - 120 * 68);
     }
+    // An empty buffer is full too, by this measure: it is an idle connection's, and must not
+    // be given 64 KiB.
+    let mut empty = BytesMut::new();
+    assert!(TutorialCodec::new().decode(&mut empty).unwrap().is_none());
+    assert_eq!(empty.capacity(), 0);
 }
