@@ -28,11 +28,11 @@ use crate::protocol::frame::{
 const RESERVE_STEP: usize = 1024 * 1024 + HEADER_LEN;
 
 /// The read buffer's size once data flows (see `decode`).
-const READ_ROOM: usize = 8 * 1024;
+pub(crate) const READ_ROOM: usize = 8 * 1024;
 
 /// The read buffer's size once a read has filled it: the peer is sending faster than we
 /// read (see `decode`).
-const BUSY_ROOM: usize = 64 * 1024;
+pub(crate) const BUSY_ROOM: usize = 64 * 1024;
 
 /// A buffer smaller than this that holds bytes is one the first read made (see `decode`).
 const FIRST_READ: usize = 64;

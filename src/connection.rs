@@ -118,7 +118,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel-safe: a partly received frame stays in the buffer for the next call.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>> {
-        self.inner.next().await.transpose()
+        std::future::poll_fn(|cx| {
+            let next = self.inner.poll_next_unpin(cx);
+            if next.is_pending() {
+                self.quiet();
+            }
+            next.map(Option::transpose)
+        })
+        .await
+    }
+
+    /// The stream has nothing more to read for now: a read buffer that a busy stream grew
+    /// beyond the usual 8 KiB (see the codec's `decode`) is given back if it is empty, so that
+    /// a connection that had a burst and went quiet costs what an idle one costs, not 64 KiB.
+    /// The usual 8 KiB stays: a connection taking turns (a round trip at a time) goes quiet
+    /// after every message, and would otherwise take a new buffer for each. Buffers grown for
+    /// a large frame stay too, as they always have (a 1 MiB stream reuses its buffer).
+    fn quiet(&mut self) {
+        let buf = self.inner.read_buffer_mut();
+        if buf.is_empty()
+            && buf.capacity() > crate::codec::READ_ROOM
+            && buf.capacity() <= crate::codec::BUSY_ROOM
+        {
+            *buf = BytesMut::new();
+        }
     }
 }
 
@@ -1818,4 +1841,64 @@ fn push_control<W: AsyncWrite + Unpin>(
     writer
         .push(wire::encode(frame))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::poll;
+    use tokio::io::AsyncWriteExt;
+
+    /// One tutorial frame of `len` bytes.
+    fn frame(len: usize) -> Vec<u8> {
+        [&(len as u32).to_le_bytes()[..], &vec![7u8; len]].concat()
+    }
+
+    #[tokio::test]
+    async fn a_grown_read_buffer_is_given_back_when_the_stream_goes_quiet() {
+        let (mut peer, stream) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(stream, 1024);
+
+        // A burst: reads fill the buffer, which grows beyond 8 KiB.
+        peer.write_all(&frame(64).repeat(4_000)).await.unwrap();
+        for _ in 0..200 {
+            assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 64);
+        }
+        assert!(reader.inner.read_buffer().capacity() > crate::codec::READ_ROOM);
+        for _ in 200..4_000 {
+            assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 64);
+        }
+        // Nothing more to read: the next read waits, and the buffer is given back.
+        {
+            let next = reader.read_frame();
+            tokio::pin!(next);
+            assert!(poll!(next).is_pending());
+        }
+        assert_eq!(reader.inner.read_buffer().capacity(), 0);
+
+        // One message at a time: the usual 8 KiB buffer is kept while the stream waits.
+        peer.write_all(&frame(64)).await.unwrap();
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 64);
+        {
+            let next = reader.read_frame();
+            tokio::pin!(next);
+            assert!(poll!(next).is_pending());
+        }
+        assert!(reader.inner.read_buffer().capacity() > 0);
+
+        // And a frame still arriving keeps its buffer whatever its size.
+        peer.write_all(&frame(64).repeat(2_000)).await.unwrap();
+        peer.write_all(&frame(64)[..10]).await.unwrap();
+        for _ in 0..2_000 {
+            assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 64);
+        }
+        {
+            let next = reader.read_frame();
+            tokio::pin!(next);
+            assert!(poll!(next).is_pending());
+        }
+        assert_eq!(reader.buffered(), 10);
+        peer.write_all(&frame(64)[10..]).await.unwrap();
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 64);
+    }
 }
