@@ -135,12 +135,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// after every message, and would otherwise take a new buffer for each. Buffers grown for
     /// a large frame stay too, as they always have (a 1 MiB stream reuses its buffer).
     fn quiet(&mut self) {
-        let buf = self.inner.read_buffer_mut();
-        if buf.is_empty()
-            && buf.capacity() > crate::codec::READ_ROOM
-            && buf.capacity() <= crate::codec::BUSY_ROOM
-        {
-            *buf = BytesMut::new();
+        let room = self.inner.read_buffer().capacity();
+        if room > crate::codec::READ_ROOM && room <= crate::codec::BUSY_ROOM {
+            self.release_buffer();
         }
     }
 }
@@ -1025,7 +1022,7 @@ struct Inbound<'a, E, M, R> {
     /// Set when a handler's reply was queued: `drive` then polls the writer at once.
     replied: std::sync::atomic::AtomicBool,
     /// How many events the last batch held: the next one starts with room for as many, not
-    /// growing (and copying) from 4 to 256 (see [`accept`](Self::accept)).
+    /// growing (and copying) from 4 to 256 (see [`push_event`](Self::push_event)).
     batch_hint: std::sync::atomic::AtomicUsize,
 }
 
@@ -1142,7 +1139,7 @@ where
             if let Some(kind) = kind
                 && !self.waits(batch)
             {
-                let body = match self.message_body(held, kind) {
+                let body = match self.message_body(held.take().expect("held frame"), kind) {
                     Ok(body) => body,
                     Err(reason) => return reason,
                 };
@@ -1318,8 +1315,7 @@ where
             let message = if self.mode == Mode::Tutorial {
                 Message::untyped(frame)
             } else if let Some(kind) = wire::message_kind(&frame) {
-                *held = Some(frame);
-                match self.message_body(held, kind) {
+                match self.message_body(frame, kind) {
                     Ok(body) => Message::from_wire(kind, body),
                     Err(reason) => break Err(reason),
                 }
@@ -1342,17 +1338,12 @@ where
             if let Some(acks) = self.acks {
                 acks.received_one();
             }
-            if let Some(reply) = reply {
-                match self.control.replies.try_push(reply) {
-                    Ok(()) => self.replied.store(true, Ordering::Relaxed),
-                    Err(_) if h.policy == FullPolicy::Disconnect => {
-                        break Err(DisconnectReason::SlowConsumer);
-                    }
-                    Err(reply) => {
-                        h.reply = Some(reply);
-                        break Ok(());
-                    }
-                }
+            h.reply = reply;
+            match self.queue_reply(h) {
+                Ok(true) => {}
+                // Full: `run` waits for room.
+                Ok(false) => break Ok(()),
+                Err(reason) => break Err(reason),
             }
         };
         bump(&self.liveness.frames, frames);
@@ -1395,14 +1386,9 @@ where
         }
     }
 
-    /// The body of the held message frame of `kind`, taken by value (see
+    /// The body of the message `frame` of `kind`, taken by value (see
     /// [`wire::into_message_body`]) and checked against the size limit.
-    fn message_body(
-        &self,
-        held: &mut Option<Bytes>,
-        kind: wire::Kind,
-    ) -> Result<Bytes, DisconnectReason> {
-        let frame = held.take().expect("held frame");
+    fn message_body(&self, frame: Bytes, kind: wire::Kind) -> Result<Bytes, DisconnectReason> {
         let body = wire::into_message_body(frame, kind)
             .map_err(|e| DisconnectReason::Protocol(e.to_string()))?;
         if body.len() > self.max_body {
@@ -1438,7 +1424,10 @@ where
         }
         let message = match kind {
             None => Message::untyped(held.take().expect("held frame")),
-            Some(kind) => Message::from_wire(kind, self.message_body(held, kind)?),
+            Some(kind) => Message::from_wire(
+                kind,
+                self.message_body(held.take().expect("held frame"), kind)?,
+            ),
         };
         self.count_in(message.len());
         h.reply = h.handler.message(message);
@@ -1453,30 +1442,38 @@ where
 
     /// Queues the handler's reply, if it has one, for this connection's writer.
     async fn send_reply(&self, h: &mut Handling<'_>) -> Result<(), DisconnectReason> {
-        while let Some(reply) = h.reply.take() {
-            match self.control.replies.try_push(reply) {
-                Ok(()) => {
-                    self.replied.store(true, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(_) if h.policy == FullPolicy::Disconnect => {
-                    return Err(DisconnectReason::SlowConsumer);
-                }
-                Err(reply) => {
-                    // Kept in `h` while waiting, so that cancelling this future loses
-                    // nothing. Not reading meanwhile is the point: TCP slows the peer.
-                    h.reply = Some(reply);
-                    // Only the writer makes room, and it runs in this task: nothing can
-                    // change between the failed push above and this wait.
-                    let room = self.control.replies.room.notified();
-                    self.liveness.paused.store(true, Ordering::Relaxed);
-                    room.await;
-                    self.liveness.paused.store(false, Ordering::Relaxed);
-                    self.liveness.frame();
-                }
-            }
+        // A reply that finds no room stays in `h` while waiting, so that cancelling this
+        // future loses nothing. Not reading meanwhile is the point: TCP slows the peer.
+        while !self.queue_reply(h)? {
+            // Only the writer makes room, and it runs in this task: nothing can change
+            // between the failed push and this wait.
+            let room = self.control.replies.room.notified();
+            self.liveness.paused.store(true, Ordering::Relaxed);
+            room.await;
+            self.liveness.paused.store(false, Ordering::Relaxed);
+            self.liveness.frame();
         }
         Ok(())
+    }
+
+    /// Queues the reply in `h`, if any, without waiting: `Ok(true)` when it is queued (or
+    /// there was none), `Ok(false)` when the queue is full and the reply stays in `h`, and
+    /// an error when a full queue disconnects the client.
+    fn queue_reply(&self, h: &mut Handling<'_>) -> Result<bool, DisconnectReason> {
+        let Some(reply) = h.reply.take() else {
+            return Ok(true);
+        };
+        match self.control.replies.try_push(reply) {
+            Ok(()) => {
+                self.replied.store(true, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(_) if h.policy == FullPolicy::Disconnect => Err(DisconnectReason::SlowConsumer),
+            Err(reply) => {
+                h.reply = Some(reply);
+                Ok(false)
+            }
+        }
     }
 
     /// Waits as the rate limit says before the next message, handing over what came
