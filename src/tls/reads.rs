@@ -8,17 +8,29 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How much one read from the socket asks for: four full TLS records (16 KiB of plaintext
-/// each, plus headers and tags), as many bytes as a plain connection's reads typically get.
+/// How much one read from the socket asks for at first: four full TLS records (16 KiB of
+/// plaintext each, plus headers and tags), as many bytes as a plain connection's reads
+/// typically get.
 const READ_AHEAD: usize = 64 * 1024;
+
+/// How much a read asks for once the last one filled [`READ_AHEAD`]: a stream that keeps the
+/// socket that full is a bulk transfer, and under TLS fewer, larger reads cost the receiving
+/// end less per byte (fewer wake-ups and window updates for the sender).
+///
+/// Measured with `sockframe bench --size 1MiB` over TLS against `serve --discard`, alternated
+/// runs (`docs/benchmarks.md`, session 5): 64 KiB reads 1.5-1.9 GB/s, 128 KiB 1.8-2.4,
+/// 256 KiB 2.2-2.6, 512 KiB 2.5-2.9; the server's CPU per GB 0.48-0.62 s with 64 KiB reads,
+/// 0.34-0.36 s with 512 KiB.
+const BUSY_READ_AHEAD: usize = 512 * 1024;
 
 /// Reads from the stream under a TLS session in large reads, and hands the TLS layer its
 /// small ones from memory.
 ///
 /// rustls asks its transport for at most 4 KiB beyond what it holds (never more than about
 /// one record), so without this a TLS server receiving 1 MiB messages made about 69
-/// `recvfrom` system calls per MiB; with it, 16, each reading up to 64 KiB, and rustls's
-/// reads are copies out of a buffer still in cache. This did not show while the load
+/// `recvfrom` system calls per MiB; with it, at most 16 (64 KiB each), and 2 once the stream
+/// is found busy (512 KiB each, see [`BUSY_READ_AHEAD`]), and rustls's reads are copies out
+/// of a buffer still in cache. This did not show while the load
 /// generator was the bottleneck (its plaintext copy, see [`RECORD_PLAINTEXT`]); once that
 /// was fixed, the server's CPU per GB fell by about 10-25 % with it (see `docs/benchmarks.md`).
 /// The copy out of this buffer into rustls's is, like rustls's own copies, exposed to the
@@ -31,13 +43,17 @@ const READ_AHEAD: usize = 64 * 1024;
 /// front and keeps it for the stream's life: an idle TLS connection would hold 64 KiB.
 /// Here the buffer is allocated when a read finds none, and freed as soon as it is drained
 /// and the socket has nothing more (the read would block), so an idle connection holds no
-/// buffer at all. Reads at least as large as the buffer bypass it. Writes pass straight
-/// through, vectored writes included.
+/// buffer at all, a connection trickling messages at most 64 KiB, and only a connection
+/// whose last read filled 64 KiB (a bulk transfer) up to 512 KiB. Reads at least as large as
+/// the buffer bypass it. Writes pass straight through, vectored writes included.
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
     /// Bytes read from `inner` and not yet handed out; no capacity while idle.
     buf: BytesMut,
+    /// How much the next read from `inner` asks for: [`READ_AHEAD`], or [`BUSY_READ_AHEAD`]
+    /// after a read that filled [`READ_AHEAD`].
+    room: usize,
 }
 
 impl<S> ReadAhead<S> {
@@ -46,6 +62,7 @@ impl<S> ReadAhead<S> {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
+            room: READ_AHEAD,
         }
     }
 
@@ -58,6 +75,12 @@ impl<S> ReadAhead<S> {
     pub fn buffer_capacity(&self) -> usize {
         self.buf.capacity()
     }
+
+    /// How much the next read from the stream will ask for.
+    #[cfg(test)]
+    fn next_read(&self) -> usize {
+        self.room
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
@@ -68,19 +91,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.buf.is_empty() {
-            if out.remaining() >= READ_AHEAD {
+            if out.remaining() >= this.room {
                 // Nothing gained by copying through our buffer.
                 this.buf = BytesMut::new();
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            // Allocates the first time, and afterwards only takes back the space of the bytes
-            // handed out (the buffer is empty and not shared, so nothing moves).
-            this.buf.reserve(READ_AHEAD);
+            // Takes back the space of the bytes handed out (the buffer is empty and not
+            // shared, so nothing moves); allocates exactly `room` when there is no buffer or
+            // a smaller one than a busy stream wants (`reserve` would keep the old capacity
+            // on top).
+            if !this.buf.try_reclaim(this.room) {
+                this.buf = BytesMut::with_capacity(this.room);
+            }
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
                     // Drained and nothing more to read: the connection may stay idle for
-                    // long, so let the memory go.
+                    // long, so let the memory go, and start small again.
                     this.buf = BytesMut::new();
+                    this.room = READ_AHEAD;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
@@ -92,7 +120,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => {
+                    // The socket had at least as much as a small read takes: a bulk transfer,
+                    // which larger reads serve better. A shorter read ends it.
+                    this.room = if n >= READ_AHEAD {
+                        BUSY_READ_AHEAD
+                    } else {
+                        READ_AHEAD
+                    };
+                }
             }
         }
         let n = out.remaining().min(this.buf.len());
@@ -160,6 +196,50 @@ mod tests {
             0,
             "freed at the end of the stream"
         );
+    }
+
+    #[tokio::test]
+    async fn reads_grow_while_the_socket_stays_full_and_shrink_when_it_does_not() {
+        let (mut far, near) = tokio::io::duplex(4 * BUSY_READ_AHEAD);
+        let mut reader = ReadAhead::new(near);
+        assert_eq!(reader.next_read(), READ_AHEAD);
+        let data: Vec<u8> = (0..3 * BUSY_READ_AHEAD as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        far.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        let mut chunk = [0u8; 4096];
+        // The first read fills 64 KiB: the next one asks for 512 KiB.
+        let n = reader.read(&mut chunk).await.unwrap();
+        got[..n].copy_from_slice(&chunk[..n]);
+        assert!(reader.buffer_capacity() <= READ_AHEAD);
+        assert_eq!(reader.next_read(), BUSY_READ_AHEAD);
+        let mut at = n;
+        while at < data.len() {
+            let n = reader.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got[at..at + n].copy_from_slice(&chunk[..n]);
+            at += n;
+            assert!(reader.buffer_capacity() <= BUSY_READ_AHEAD, "bounded");
+        }
+        assert_eq!(got, data);
+        assert_eq!(reader.next_read(), BUSY_READ_AHEAD, "still busy");
+        // Dry: the buffer goes and the next read starts small.
+        assert!(reader.read(&mut chunk).now_or_never().is_none());
+        assert_eq!(reader.buffer_capacity(), 0);
+        assert_eq!(reader.next_read(), READ_AHEAD);
+
+        // Busy again, then a short read: back to small reads.
+        far.write_all(&data[..READ_AHEAD]).await.unwrap();
+        for _ in 0..READ_AHEAD / chunk.len() {
+            reader.read_exact(&mut chunk).await.unwrap();
+        }
+        assert_eq!(reader.next_read(), BUSY_READ_AHEAD);
+        far.write_all(b"small").await.unwrap();
+        let mut five = [0u8; 5];
+        reader.read_exact(&mut five).await.unwrap();
+        assert_eq!(&five, b"small");
+        assert_eq!(reader.next_read(), READ_AHEAD);
     }
 
     #[tokio::test]
