@@ -14,13 +14,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const READ_AHEAD: usize = 64 * 1024;
 
 /// How much a read asks for once the last one filled [`READ_AHEAD`]: a stream that keeps the
-/// socket that full is a bulk transfer, and under TLS fewer, larger reads cost the receiving
-/// end less per byte (fewer wake-ups and window updates for the sender).
+/// socket that full is a bulk transfer.
 ///
 /// Measured with `sockframe bench --size 1MiB` over TLS against `serve --discard`, alternated
-/// runs (`docs/benchmarks.md`, session 5): 64 KiB reads 1.5-1.9 GB/s, 128 KiB 1.8-2.4,
-/// 256 KiB 2.2-2.6, 512 KiB 2.5-2.9; the server's CPU per GB 0.48-0.62 s with 64 KiB reads,
-/// 0.34-0.36 s with 512 KiB.
+/// runs (`docs/benchmarks.md`, session 5): 64 KiB reads 1.5-2.3 GB/s, 128 KiB 1.8-2.4,
+/// 256 KiB 2.2-2.6, 512 KiB 2.2-2.9; the server's CPU per GB 0.43-0.62 s with 64 KiB reads,
+/// 0.34-0.37 s with 512 KiB. The reads themselves are only a little larger on average (65 ->
+/// 78 KB); what fell is the server's context switches (29,626 -> 7,409 in 3 s) and its
+/// migrations between CPUs (4,635 -> 5): with room for all that has arrived, its task more
+/// often finds data and keeps running instead of sleeping and being woken elsewhere.
 const BUSY_READ_AHEAD: usize = 512 * 1024;
 
 /// Reads from the stream under a TLS session in large reads, and hands the TLS layer its
@@ -28,8 +30,8 @@ const BUSY_READ_AHEAD: usize = 512 * 1024;
 ///
 /// rustls asks its transport for at most 4 KiB beyond what it holds (never more than about
 /// one record), so without this a TLS server receiving 1 MiB messages made about 69
-/// `recvfrom` system calls per MiB; with it, at most 16 (64 KiB each), and 2 once the stream
-/// is found busy (512 KiB each, see [`BUSY_READ_AHEAD`]), and rustls's reads are copies out
+/// `recvfrom` system calls per MiB; with it, at most 16 (up to 64 KiB each, or up to 512 KiB
+/// once the stream is found busy, see [`BUSY_READ_AHEAD`]), and rustls's reads are copies out
 /// of a buffer still in cache. This did not show while the load
 /// generator was the bottleneck (its plaintext copy, see [`RECORD_PLAINTEXT`]); once that
 /// was fixed, the server's CPU per GB fell by about 10-25 % with it (see `docs/benchmarks.md`).
