@@ -732,7 +732,7 @@ where
     async move {
         let control = Control::new(d.replies);
         let liveness = Liveness::default();
-        let (retained, received_slot) = match d.session {
+        let (mut retained, received_slot) = match d.session {
             Some(session) if d.mode == Mode::Sockframe => {
                 (Some(&mut session.retained), Some(&mut session.received))
             }
@@ -788,7 +788,7 @@ where
                 d.close,
                 d.traffic,
                 d.mode,
-                retained.zip(acks.as_ref()),
+                retained.as_deref_mut().zip(acks.as_ref()),
             );
             tokio::pin!(read, write);
             let mut ping = heartbeat
@@ -888,8 +888,16 @@ where
                             &mut handling,
                         );
                         let drain = async {
-                            drain(&mut writer, d.outbox, control.replies, d.traffic, d.mode)
-                                .await?;
+                            let session = retained.as_deref_mut().zip(acks.as_ref());
+                            drain(
+                                &mut writer,
+                                d.outbox,
+                                control.replies,
+                                d.traffic,
+                                d.mode,
+                                session,
+                            )
+                            .await?;
                             if d.mode == Mode::Sockframe {
                                 push_control(&mut writer, &close_frame(&order.reason))?;
                             }
@@ -935,9 +943,25 @@ where
         if let Some(reply) = handling.and_then(|h| h.reply) {
             d.replies.keep(reply);
         }
+        // The peer closed a session: tell it that everything it sent before its close is
+        // here (its close is confirmed by this, not by our end of stream, which a cut link
+        // can fake), then end our side. Bounded like a farewell.
+        if outcome.farewell_received
+            && let Some(acks) = &acks
+        {
+            let received = acks.received.load(Ordering::Relaxed);
+            if push_control(&mut writer, &Frame::Ack(received)).is_ok() {
+                let _ = tokio::time::timeout(FAREWELL, writer.shutdown()).await;
+            }
+        }
         // Only now: the count includes that last batch.
         if let (Some(acks), Some(slot)) = (&acks, received_slot) {
             *slot = acks.received.load(Ordering::Relaxed);
+        }
+        // Acknowledgements that arrived after the writer stopped (a close's, above all)
+        // release their frames too: what is left is what the peer may lack.
+        if let (Some(retained), Some(acks)) = (retained, &acks) {
+            retained.release(acks.peer_acked.load(Ordering::Relaxed));
         }
         outcome
     }
@@ -1623,12 +1647,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     loop {
-        let room = match &mut session {
+        // Acknowledgements free room in the window and finish flushes: the loop waits for
+        // them when either is wanted (a flush of an idle connection would otherwise wait
+        // for the next frame to write, such as a heartbeat's ping).
+        let (room, wants_acks) = match &mut session {
             Some((retained, acks)) => {
                 retained.release(acks.peer_acked.load(Ordering::Relaxed));
-                retained.has_room()
+                (
+                    retained.has_room(),
+                    !retained.has_room() || retained.has_waiters(),
+                )
             }
-            None => true,
+            None => (true, false),
         };
         tokio::select! {
             biased;
@@ -1644,7 +1674,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     return Ok(());
                 }
             },
-            _ = async { session.as_ref().expect("no room implies a session").1.acked.notified().await }, if !room => continue,
+            _ = async { session.as_ref().expect("waiting for acks implies a session").1.acked.notified().await }, if wants_acks => continue,
         }
         // Gather what is queued right now, then write it all at once: the handler's
         // replies first (they are already in order behind what was written), then the
@@ -1752,24 +1782,45 @@ impl<W: AsyncWrite + Unpin> Lane<'_, W> {
     }
 }
 
-/// Writes everything queued right now.
+/// Writes everything queued right now. In a session, what it writes is kept until
+/// acknowledged like any other frame (a close cut short is resumed and finishes with them,
+/// or counts them as undelivered), and it ends with an acknowledgement of all received, so
+/// that the peer's close is confirmed too.
 async fn drain<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outbox: &mut OutboxReceiver,
     replies: &Replies,
     traffic: &Traffic,
     mode: Mode,
+    mut session: Option<(&mut Retained, &Acks)>,
 ) -> io::Result<()> {
     while let Some(item) = replies
         .pop()
         .map(Outgoing::Message)
         .or_else(|| outbox.try_recv())
     {
-        // Flushes waiting here are dropped unanswered: a closing connection confirms nothing.
-        push(writer, item, traffic, mode)?;
+        match (&mut session, item) {
+            // Flushes waiting here are dropped unanswered: a closing connection confirms
+            // nothing (`close` itself reports what was not delivered).
+            (_, Outgoing::Flush(_)) => {}
+            (Some((retained, acks)), item) => {
+                if push(writer, item.clone(), traffic, mode)? {
+                    retained.record(item);
+                    acks.sent.store(retained.sent, Ordering::Relaxed);
+                }
+            }
+            (None, item) => {
+                push(writer, item, traffic, mode)?;
+            }
+        }
         if writer.pending() >= BATCH_BYTES {
             writer.flush().await?;
         }
+    }
+    if let Some((_, acks)) = session {
+        let received = acks.received.load(Ordering::Relaxed);
+        push_control(writer, &Frame::Ack(received))?;
+        acks.ack_sent.store(received, Ordering::Relaxed);
     }
     writer.flush().await
 }

@@ -199,6 +199,11 @@ impl Retained {
         Ok(())
     }
 
+    /// Whether flushes wait for acknowledgements.
+    pub(crate) fn has_waiters(&self) -> bool {
+        !self.waiters.is_empty()
+    }
+
     /// A flush: done when everything sent so far is acknowledged.
     pub(crate) fn add_waiter(&mut self, waiter: FlushWaiter) {
         if self.sent == self.acked {

@@ -216,6 +216,9 @@ struct Shared {
     /// How to close once `close` fires; unset means a graceful [`Client::close`].
     order: Mutex<Option<CloseOrder>>,
     close: CancellationToken,
+    /// When a graceful [`Client::close`] must be over: set by `close`, and the bound of
+    /// resuming a session to finish a close that the link cut short.
+    close_deadline: std::sync::OnceLock<Instant>,
     /// Requests to the server waiting for answers.
     pending: Pending,
     /// The id the server gave in its last welcome (0: none).
@@ -287,6 +290,7 @@ impl Client {
             state: AtomicU8::new(CONNECTED),
             order: Mutex::new(None),
             close,
+            close_deadline: std::sync::OnceLock::new(),
             pending: Pending::default(),
             server_id: Default::default(),
             send_limit: link.send_limit.into(),
@@ -373,11 +377,20 @@ impl Client {
     }
 
     /// Closes gracefully: new sends fail, what is queued is written, the write side is shut
-    /// down and the server's close is awaited (all within
-    /// [`ClientConfig::drain_deadline`]). Returns an error if queued messages could not be
-    /// written.
+    /// down and the server's close is awaited, all within [`ClientConfig::drain_deadline`].
+    ///
+    /// With a lossless session, `Ok` means the server acknowledged every message: its
+    /// application has them. If the link drops during the close (or the close comes while
+    /// the client is reconnecting), the session is resumed to finish it, within the same
+    /// deadline; what the server has not acknowledged by then is reported as
+    /// [`Error::Undelivered`] (it may have arrived: the acknowledgement may be what was
+    /// lost). Without a session, `Ok` means every queued message was written to the socket,
+    /// and the error counts those that were not.
     pub async fn close(mut self) -> Result<()> {
         let shared = &self.sender.shared;
+        let _ = shared
+            .close_deadline
+            .set(Instant::now() + shared.config.drain_deadline);
         shared.state.store(CLOSED, Ordering::Release);
         shared.close.cancel();
         let driver = self
@@ -555,6 +568,13 @@ async fn run(
                         let _ = events
                             .send(vec![ClientEvent::SessionExpired { undelivered }])
                             .await;
+                        if shared.close_deadline.get().is_some() {
+                            // Resumed only to finish a close: it cannot be finished.
+                            break 'run match undelivered as usize + outbox.len() {
+                                0 => Ok(()),
+                                n => Err(Error::Undelivered(n)),
+                            };
+                        }
                         drop(link);
                         match reconnect(&shared, &events, None).await {
                             Ok(next) => {
@@ -620,7 +640,13 @@ async fn run(
                         graceful: true,
                     })
                 },
-                drain_deadline: config.drain_deadline,
+                // A close resumed after a cut has what is left of its deadline.
+                drain_deadline: shared
+                    .close_deadline
+                    .get()
+                    .map_or(config.drain_deadline, |d| {
+                        d.saturating_duration_since(Instant::now())
+                    }),
                 heartbeat: config.heartbeat,
                 idle_timeout: config.idle_timeout,
                 frame_timeout: config.frame_timeout,
@@ -636,10 +662,14 @@ async fn run(
         // Ours was the close only if it ended the connection; a close that comes after the
         // server ended it finds nothing to flush and must not count what was written.
         let closed_by_us = outcome.reason == DisconnectReason::Closed;
-        let keep_session = session.is_some()
-            && config.reconnect
-            && outcome.link_failed()
-            && !shared.close.is_cancelled();
+        // A graceful close with a session ends when the server has acknowledged everything,
+        // on this link or on a resumed one (see `finish_close`).
+        let closing_session = session.is_some() && shared.close_deadline.get().is_some();
+        let keep_session = closing_session
+            || (session.is_some()
+                && config.reconnect
+                && outcome.link_failed()
+                && !shared.close.is_cancelled());
         if !keep_session {
             session = None;
             shared.pending.fail_all();
@@ -656,6 +686,15 @@ async fn run(
                 reason: outcome.reason.clone(),
             }])
             .await;
+        if closing_session {
+            match finish_close(&shared, &events, session.as_ref(), &outbox).await {
+                Ok(next) => {
+                    link = next;
+                    continue;
+                }
+                Err(result) => break result,
+            }
+        }
         if closed_by_us {
             let left = outbox.len();
             break if !outcome.flushed {
@@ -672,6 +711,13 @@ async fn run(
         let resume = session.as_ref().map(|s| (s.token, s.received));
         match reconnect(&shared, &events, resume).await {
             Ok(next) => link = next,
+            // Closed while reconnecting: a session still finishes the close.
+            Err(None) if shared.close_deadline.get().is_some() && session.is_some() => {
+                match finish_close(&shared, &events, session.as_ref(), &outbox).await {
+                    Ok(next) => link = next,
+                    Err(result) => break result,
+                }
+            }
             Err(None) => break undelivered_in(&outbox),
             Err(Some(Error::Rejected {
                 code: RejectCode::SessionUnknown,
@@ -729,6 +775,51 @@ async fn reconnect(
             }
             Err(Some(e))
         }
+    }
+}
+
+/// A graceful close of a session whose link is gone (cut during the close, or before it):
+/// `Err(result)` when the close is over, because the server acknowledged every frame or
+/// because the session could not be resumed before the close's deadline; `Ok(link)`, a
+/// resumed link, to resend what the server lacks on and close again.
+///
+/// Without this, a close cut short after writing everything (into a link that then dropped
+/// it) would report success with frames lost, or report a loss when the server had
+/// acknowledged all.
+async fn finish_close(
+    shared: &Shared,
+    events: &mpsc::Sender<Vec<ClientEvent>>,
+    session: Option<&Session>,
+    outbox: &OutboxReceiver,
+) -> std::result::Result<Link, Result<()>> {
+    let Some(session) = session else {
+        return Err(undelivered_in(outbox));
+    };
+    let undelivered = session.retained.unacked() as usize + outbox.len();
+    if undelivered == 0 {
+        return Err(Ok(()));
+    }
+    let Some(&deadline) = shared.close_deadline.get() else {
+        return Err(Err(Error::Undelivered(undelivered)));
+    };
+    let config = &shared.config;
+    // Not `reconnect`: the close has fired, and it would stop at once. The deadline bounds
+    // this instead.
+    let never = CancellationToken::new();
+    let attempt = connect_with_backoff(
+        config,
+        &config.reconnect_backoff,
+        Some(events),
+        &never,
+        Some((session.token, session.received)),
+    );
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, undelivered, "cannot resume to finish the close");
+            Err(Err(Error::Undelivered(undelivered)))
+        }
+        Err(_) => Err(Err(Error::Undelivered(undelivered))),
     }
 }
 
