@@ -38,7 +38,6 @@ const MIB: usize = 1024 * 1024;
 /// direction of a connection, taken from a handshake in memory (rustls makes AES-128 keys
 /// only that way).
 fn record_keys() -> (Box<dyn MessageEncrypter>, Box<dyn MessageDecrypter>) {
-    use rustls::ConnectionTrafficSecrets::Aes128Gcm;
     let (client, server) = connected(true);
     let aead = rustls::crypto::ring::default_provider()
         .cipher_suites
@@ -47,23 +46,13 @@ fn record_keys() -> (Box<dyn MessageEncrypter>, Box<dyn MessageDecrypter>) {
         .and_then(|s| s.tls13())
         .expect("AES-128-GCM")
         .aead_alg;
-    let Aes128Gcm { key, iv } = client
-        .dangerous_extract_secrets()
-        .expect("client keys")
-        .tx
-        .1
-    else {
-        panic!("the connection did not choose AES-128-GCM");
+    let aes128 = |secrets| match secrets {
+        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (key, iv),
+        _ => panic!("the connection did not choose AES-128-GCM"),
     };
+    let (key, iv) = aes128(client.dangerous_extract_secrets().expect("keys").tx.1);
     let encrypter = aead.encrypter(key, iv);
-    let Aes128Gcm { key, iv } = server
-        .dangerous_extract_secrets()
-        .expect("server keys")
-        .rx
-        .1
-    else {
-        panic!("the connection did not choose AES-128-GCM");
-    };
+    let (key, iv) = aes128(server.dangerous_extract_secrets().expect("keys").rx.1);
     (encrypter, aead.decrypter(key, iv))
 }
 

@@ -665,12 +665,9 @@ async fn suspended_sessions_are_bounded() {
     server.shutdown().await;
 }
 
-/// A close whose link is cut while the server has not had everything: the client resumes
-/// its session and finishes the close there, so `close` returns `Ok` only with every
-/// message delivered, once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_cut_short_resumes_and_delivers_everything() {
-    // A short grace, so that a session left parked ends (and fails the test) quickly.
+/// A server with a short session grace (so that a session left parked ends, and fails a
+/// test, quickly), a proxy in front of it, and a session client through the proxy.
+async fn proxied_session() -> (Server, ServerEvents, FaultProxy, Client) {
     let (server, mut events) = start_server_with(ServerConfig {
         session_grace: Some(Duration::from_secs(2)),
         ..config()
@@ -679,6 +676,29 @@ async fn a_close_cut_short_resumes_and_delivers_everything() {
     let proxy = FaultProxy::start(server.local_addr(), FaultConfig::no_cuts()).await;
     let client = Client::connect(session_client(proxy.addr())).await.unwrap();
     connected(&mut events).await;
+    (server, events, proxy, client)
+}
+
+/// The texts of the messages the server reports until the client is disconnected, and why.
+async fn texts_until_disconnected(events: &mut ServerEvents) -> (Vec<String>, DisconnectReason) {
+    let mut got = Vec::new();
+    loop {
+        match next_event(events).await {
+            ServerEvent::Message { message, .. } => {
+                got.push(message.as_text().expect("text").to_string())
+            }
+            ServerEvent::Disconnected { reason, .. } => return (got, reason),
+            _ => {}
+        }
+    }
+}
+
+/// A close whose link is cut while the server has not had everything: the client resumes
+/// its session and finishes the close there, so `close` returns `Ok` only with every
+/// message delivered, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_cut_short_resumes_and_delivers_everything() {
+    let (server, mut events, proxy, client) = proxied_session().await;
     client.send("before").await.unwrap();
     client.flush().await.unwrap();
 
@@ -695,16 +715,7 @@ async fn a_close_cut_short_resumes_and_delivers_everything() {
     proxy.blackhole(false);
     let closed = timeout(WAIT, closing).await.unwrap().unwrap();
 
-    let mut got = Vec::new();
-    let reason = loop {
-        match next_event(&mut events).await {
-            ServerEvent::Message { message, .. } => {
-                got.push(message.as_text().unwrap().to_string())
-            }
-            ServerEvent::Disconnected { reason, .. } => break reason,
-            _ => {}
-        }
-    };
+    let (got, reason) = texts_until_disconnected(&mut events).await;
     let want: Vec<String> = std::iter::once("before".to_string())
         .chain((0..5).map(|i| format!("held {i}")))
         .collect();
@@ -721,25 +732,20 @@ async fn a_close_cut_short_resumes_and_delivers_everything() {
 /// cut lands at a different point of the close from run to run.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_cut_after_delivery_reports_no_loss() {
-    let (server, mut events) = start_server_with(ServerConfig {
-        session_grace: Some(Duration::from_secs(2)),
-        ..config()
-    })
-    .await;
-    let proxy = FaultProxy::start(server.local_addr(), FaultConfig::no_cuts()).await;
-    let client = Client::connect(session_client(proxy.addr())).await.unwrap();
-    connected(&mut events).await;
-    for i in 0..5 {
-        client.send(format!("m {i}")).await.unwrap();
+    let (server, mut events, proxy, client) = proxied_session().await;
+    let sent: Vec<String> = (0..5).map(|i| format!("m {i}")).collect();
+    for text in &sent {
+        client.send(text.clone()).await.unwrap();
     }
-    for i in 0..5 {
-        match wait_for(&mut events, |e| matches!(e, ServerEvent::Message { .. })).await {
-            ServerEvent::Message { message, .. } => {
-                assert_eq!(message.as_text(), Some(format!("m {i}").as_str()))
-            }
-            _ => unreachable!(),
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        if let ServerEvent::Message { message, .. } =
+            wait_for(&mut events, |e| matches!(e, ServerEvent::Message { .. })).await
+        {
+            got.push(message.as_text().expect("text").to_string());
         }
     }
+    assert_eq!(got, sent);
     // The server has all five; from now on nothing gets through, then the link is cut.
     proxy.blackhole(true);
     let closing = tokio::spawn(client.close());
@@ -749,13 +755,8 @@ async fn a_close_cut_after_delivery_reports_no_loss() {
     assert!(closed.is_ok(), "close returned {closed:?}");
     // Nothing more arrived, and the session ended (closed on a resumed link, or expired
     // after the grace if the close was confirmed before the cut).
-    loop {
-        match next_event(&mut events).await {
-            ServerEvent::Message { message, .. } => panic!("unexpected message {message:?}"),
-            ServerEvent::Disconnected { .. } => break,
-            _ => {}
-        }
-    }
+    let (more, _) = texts_until_disconnected(&mut events).await;
+    assert!(more.is_empty(), "unexpected messages {more:?}");
     proxy.shutdown().await;
     server.shutdown().await;
 }
