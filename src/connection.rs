@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Result;
 use crate::codec::TutorialCodec;
 use crate::handler::Handler;
-use crate::message::Message;
+use crate::message::{Message, MessageKind, MessageRef};
 use crate::outbox::{FullPolicy, OutboxReceiver, OutboxSender, Weigh};
-use crate::protocol::frame::{HEADER_LEN, encode_header};
+use crate::protocol::frame::{HEADER_LEN, check_header, encode_header};
 use crate::protocol::message::{self as wire, Frame, Head, close_code};
 use crate::reason::DisconnectReason;
 use crate::request::{Pending, Request};
@@ -109,6 +109,34 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Calls `f` with the payload of each complete frame in the read buffer, in order, while
+    /// it says [`Step::Next`]; returns how many frames it took. The frames taken are
+    /// consumed with one move of the buffer's start for all of them, and none is split off
+    /// into a `Bytes` of its own. A frame whose header is wrong is left for
+    /// [`try_frame`](Self::try_frame) to report.
+    pub(crate) fn for_each_frame(&mut self, mut f: impl FnMut(&[u8]) -> Step) -> usize {
+        let max = self.inner.decoder().max_frame();
+        let buf = self.inner.read_buffer_mut();
+        let (mut at, mut taken) = (0, 0);
+        while let Ok(Some(len)) = check_header(&buf[at..], max) {
+            let end = at + HEADER_LEN + len;
+            if buf.len() < end {
+                break;
+            }
+            let step = f(&buf[at + HEADER_LEN..end]);
+            if step == Step::Leave {
+                break;
+            }
+            taken += 1;
+            at = end;
+            if step == Step::Last {
+                break;
+            }
+        }
+        bytes::Buf::advance(buf, at);
+        taken
+    }
+
     /// Bytes received but not yet handed out (part of a frame still arriving).
     pub fn buffered(&self) -> usize {
         self.inner.read_buffer().len()
@@ -140,6 +168,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.release_buffer();
         }
     }
+}
+
+/// What [`FrameReader::for_each_frame`] does after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Take this frame and go on to the next.
+    Next,
+    /// Take this frame and stop.
+    Last,
+    /// Leave this frame in the buffer and stop.
+    Leave,
 }
 
 /// Writes frames to a byte stream, batching them.
@@ -671,10 +710,24 @@ pub(crate) struct Drive<'a, E, M, R, C> {
 /// A connection's [`Handler`], and its reply while that waits for room in the outbox.
 struct Handling<'h> {
     handler: &'h mut dyn Handler,
+    /// [`Handler::borrows`], asked once.
+    borrows: bool,
     /// Kept outside the read future, like a held frame, so that cancelling that future
     /// loses no reply: the next call sends it first.
     reply: Option<Message>,
     policy: FullPolicy,
+}
+
+impl Handling<'_> {
+    /// Gives `message` to the handler, lent if it borrows (a message read alone, not in a
+    /// run that [`Inbound::lend`] lends in place).
+    fn call(&mut self, message: Message) -> Option<Message> {
+        if self.borrows {
+            self.handler.message_ref(MessageRef::from(&message))
+        } else {
+            self.handler.message(message)
+        }
+    }
 }
 
 /// How a connection run by `drive` ended.
@@ -768,6 +821,7 @@ where
         // future loses none of them.
         let mut batch: Vec<E> = Vec::new();
         let mut handling = d.handler.map(|handler| Handling {
+            borrows: handler.borrows(),
             handler,
             reply: None,
             policy: d.reply_policy,
@@ -1326,6 +1380,11 @@ where
         batch: &mut Vec<E>,
         mut handling: Option<&mut Handling<'_>>,
     ) -> Result<(), DisconnectReason> {
+        if let Some(h) = handling.as_deref_mut()
+            && h.borrows
+        {
+            return self.lend(reader, h);
+        }
         let (mut frames, mut messages, mut bytes) = (0u64, 0u64, 0u64);
         let result = loop {
             if handling.is_none() && batch.len() + 1 >= MAX_BATCH {
@@ -1358,7 +1417,7 @@ where
                 self.push_event(batch, (self.on_message)(message));
                 continue;
             };
-            let reply = h.handler.message(message);
+            let reply = h.call(message);
             if let Some(acks) = self.acks {
                 acks.received_one();
             }
@@ -1371,6 +1430,56 @@ where
             }
         };
         bump(&self.liveness.frames, frames);
+        bump(&self.liveness.messages, messages);
+        bump(&self.traffic.messages_in, messages);
+        bump(&self.traffic.bytes_in, bytes);
+        result
+    }
+
+    /// [`drain`](Self::drain) for a handler that borrows: each message is lent to it where
+    /// it lies in the read buffer, and the buffer moves on once for all of them. Leaves a
+    /// frame that is not a message for the general path, as `drain` does.
+    fn lend<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+        h: &mut Handling<'_>,
+    ) -> Result<(), DisconnectReason> {
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        let mut result = Ok(());
+        let frames = reader.for_each_frame(|frame| {
+            let message = if self.mode == Mode::Tutorial {
+                MessageRef::new(MessageKind::Untyped, frame)
+            } else if let Some(kind) = wire::message_kind(frame) {
+                match self.checked_body(frame, kind) {
+                    Ok(body) => MessageRef::new(kind.into(), body),
+                    Err(reason) => {
+                        result = Err(reason);
+                        return Step::Last;
+                    }
+                }
+            } else {
+                return Step::Leave;
+            };
+            messages += 1;
+            bytes += message.len() as u64;
+            if let Some(acks) = self.acks {
+                acks.add_bytes(message.len());
+            }
+            h.reply = h.handler.message_ref(message);
+            if let Some(acks) = self.acks {
+                acks.received_one();
+            }
+            match self.queue_reply(h) {
+                Ok(true) => Step::Next,
+                // Full: `run` waits for room.
+                Ok(false) => Step::Last,
+                Err(reason) => {
+                    result = Err(reason);
+                    Step::Last
+                }
+            }
+        });
+        bump(&self.liveness.frames, frames as u64);
         bump(&self.liveness.messages, messages);
         bump(&self.traffic.messages_in, messages);
         bump(&self.traffic.bytes_in, bytes);
@@ -1413,7 +1522,18 @@ where
     /// The body of the message `frame` of `kind`, taken by value (see
     /// [`wire::into_message_body`]) and checked against the size limit.
     fn message_body(&self, frame: Bytes, kind: wire::Kind) -> Result<Bytes, DisconnectReason> {
-        let body = wire::into_message_body(frame, kind)
+        self.checked_body(&frame, kind)?;
+        Ok(wire::into_message_body(frame))
+    }
+
+    /// The body of the message `frame` of `kind`, lent: checked (UTF-8 for text) and against
+    /// the size limit.
+    fn checked_body<'f>(
+        &self,
+        frame: &'f [u8],
+        kind: wire::Kind,
+    ) -> Result<&'f [u8], DisconnectReason> {
+        let body = wire::message_body(frame, kind)
             .map_err(|e| DisconnectReason::Protocol(e.to_string()))?;
         if body.len() > self.max_body {
             let e = crate::protocol::FrameError::TooLarge {
@@ -1454,7 +1574,7 @@ where
             ),
         };
         self.count_in(message.len());
-        h.reply = h.handler.message(message);
+        h.reply = h.call(message);
         if let Some(acks) = self.acks {
             acks.received_one();
         }

@@ -86,7 +86,7 @@ pub mod transfer;
 pub use connection::{Heartbeat, Mode, RateAction, RateLimit};
 pub use error::Error;
 pub use handler::Handler;
-pub use message::{Message, MessageKind};
+pub use message::{Message, MessageKind, MessageRef};
 pub use outbox::{FullPolicy, OutboxLimits};
 pub use reason::DisconnectReason;
 pub use request::Request;

@@ -18,6 +18,15 @@ pub enum MessageKind {
     Untyped,
 }
 
+impl From<Kind> for MessageKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Text => MessageKind::Text,
+            Kind::Binary => MessageKind::Binary,
+        }
+    }
+}
+
 /// An application message: a payload and whether it is text or bytes.
 ///
 /// Text stays text and binary stays binary from one end to the other over the sockframe
@@ -59,11 +68,10 @@ impl Message {
 
     /// A message of a wire kind whose payload was already checked (UTF-8 for text).
     pub(crate) fn from_wire(kind: Kind, payload: Bytes) -> Self {
-        let kind = match kind {
-            Kind::Text => MessageKind::Text,
-            Kind::Binary => MessageKind::Binary,
-        };
-        Message { kind, payload }
+        Message {
+            kind: kind.into(),
+            payload,
+        }
     }
 
     /// The wire kind to send this message as: untyped payloads go as text when they are
@@ -116,6 +124,77 @@ impl Message {
     /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.payload.is_empty()
+    }
+}
+
+/// A message lent in place: its kind and its payload where the connection read it, with no
+/// allocation or reference count of its own. What [`Handler::message_ref`] is given; make
+/// a [`Message`] of it with [`to_message`](Self::to_message) (a copy) to keep it.
+///
+/// [`Handler::message_ref`]: crate::Handler::message_ref
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageRef<'a> {
+    kind: MessageKind,
+    payload: &'a [u8],
+}
+
+impl<'a> MessageRef<'a> {
+    /// A message of `kind` lending `payload`, which must be valid UTF-8 when `kind` is
+    /// [`MessageKind::Text`] (the library checks text before lending it).
+    pub(crate) fn new(kind: MessageKind, payload: &'a [u8]) -> Self {
+        MessageRef { kind, payload }
+    }
+
+    /// What kind of message this is.
+    pub fn kind(&self) -> MessageKind {
+        self.kind
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
+    /// The text of a text message, or of an untyped one that is valid UTF-8; `None` for
+    /// binary messages.
+    pub fn as_text(&self) -> Option<&'a str> {
+        match self.kind {
+            MessageKind::Binary => None,
+            MessageKind::Text | MessageKind::Untyped => std::str::from_utf8(self.payload).ok(),
+        }
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.payload.is_empty()
+    }
+
+    /// An owned [`Message`] of the same kind, with a copy of the payload.
+    pub fn to_message(&self) -> Message {
+        Message {
+            kind: self.kind,
+            payload: Bytes::copy_from_slice(self.payload),
+        }
+    }
+}
+
+impl<'a> From<&'a Message> for MessageRef<'a> {
+    fn from(message: &'a Message) -> Self {
+        MessageRef::new(message.kind, &message.payload)
+    }
+}
+
+impl fmt::Debug for MessageRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, self.as_text()) {
+            (MessageKind::Text, Some(t)) => write!(f, "Text({t:?})"),
+            (kind, _) => write!(f, "{kind:?}({:?})", Bytes::copy_from_slice(self.payload)),
+        }
     }
 }
 

@@ -14,7 +14,9 @@ use sockframe::client::{Backoff, Client, ClientConfig, ClientEvent};
 use sockframe::codec::TutorialCodec;
 use sockframe::protocol::message::{self as wire, Frame};
 use sockframe::server::{ClientId, Server, ServerConfig, ServerEvent, ServerEvents};
-use sockframe::{DisconnectReason, FullPolicy, Message, MessageKind, OutboxLimits};
+use sockframe::{
+    DisconnectReason, FullPolicy, Handler, Message, MessageKind, MessageRef, OutboxLimits,
+};
 use support::proxy::{FaultConfig, FaultProxy};
 use support::raw::{raw_handshake, typed};
 use support::{WAIT, config, frame, next_connected, next_event, next_message, tutorial_config};
@@ -357,21 +359,62 @@ async fn a_peer_that_never_reads_is_a_slow_consumer_under_disconnect() {
 /// one must end that client with a protocol error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_one_write_reaches_the_handler_in_order_and_counted() {
-    burst(true).await;
+    burst(Path::Owned).await;
+}
+
+/// [`a_burst_in_one_write_reaches_the_handler_in_order_and_counted`], with a handler that
+/// borrows each message where it was read (`Handler::message_ref`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_in_one_write_is_lent_to_a_borrowing_handler_in_order_and_counted() {
+    burst(Path::Borrowed).await;
 }
 
 /// [`a_burst_in_one_write_reaches_the_handler_in_order_and_counted`], through the event
 /// stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_one_write_reaches_the_event_stream_in_order_and_counted() {
-    burst(false).await;
+    burst(Path::Events).await;
 }
 
-async fn burst(with_handler: bool) {
+/// How a burst reaches the application.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    /// A handler taking each message by value.
+    Owned,
+    /// A handler borrowing each message.
+    Borrowed,
+    /// The event stream.
+    Events,
+}
+
+/// Logs every message it is lent and answers every hundredth, as the closure of
+/// [`burst`] does for owned messages.
+struct Borrowing {
+    log: Arc<std::sync::Mutex<Vec<Message>>>,
+}
+
+impl Handler for Borrowing {
+    fn message(&mut self, _: Message) -> Option<Message> {
+        panic!("a borrowing handler is lent its messages");
+    }
+
+    fn borrows(&self) -> bool {
+        true
+    }
+
+    fn message_ref(&mut self, message: MessageRef<'_>) -> Option<Message> {
+        let mut log = self.log.lock().unwrap();
+        log.push(message.to_message());
+        (log.len() % 100 == 0).then(|| message.to_message())
+    }
+}
+
+async fn burst(path: Path) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    let (server, mut events) = if with_handler {
-        Server::bind_with_handler(config(), move |_, _| {
+    let with_handler = path != Path::Events;
+    let (server, mut events) = match path {
+        Path::Owned => Server::bind_with_handler(config(), move |_, _| {
             let log = log.clone();
             move |message: Message| {
                 log.lock().unwrap().push(message.clone());
@@ -380,9 +423,13 @@ async fn burst(with_handler: bool) {
             }
         })
         .await
-        .unwrap()
-    } else {
-        Server::bind(config()).await.unwrap()
+        .unwrap(),
+        Path::Borrowed => {
+            Server::bind_with_handler(config(), move |_, _| Borrowing { log: log.clone() })
+                .await
+                .unwrap()
+        }
+        Path::Events => Server::bind(config()).await.unwrap(),
     };
     let (mut raw, _) = raw_handshake(server.local_addr(), "burst").await;
     let id = next_connected(&mut events).await;
@@ -489,4 +536,82 @@ async fn take_events(
     .await
     .expect("events in time");
     (taken, reason)
+}
+
+/// A tutorial peer's burst, lent to a borrowing handler: untyped, in order, counted; a
+/// frame header over the limit behind the good frames ends the peer with a protocol error
+/// once they are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tutorial_burst_is_lent_untyped_then_a_bad_header_is_refused() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (server, mut events) = Server::bind_with_handler(
+        ServerConfig {
+            max_frame: 1024,
+            ..tutorial_config()
+        },
+        move |_, _| Borrowing { log: log.clone() },
+    )
+    .await
+    .unwrap();
+    let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
+    let id = next_connected(&mut events).await;
+    let sent: Vec<Vec<u8>> = (0..1_000u32)
+        .map(|n| format!("n{n}").into_bytes())
+        .collect();
+    let mut burst: Vec<u8> = sent.iter().flat_map(|p| frame(p)).collect();
+    // 4 KiB announced, over the 1 KiB limit: refused before any of it is read.
+    burst.extend_from_slice(&4096u32.to_le_bytes());
+    raw.write_all(&burst).await.unwrap();
+
+    let reason = loop {
+        match next_event(&mut events).await {
+            ServerEvent::Disconnected { client, reason } if client == id => break reason,
+            _ => {}
+        }
+    };
+    assert!(
+        matches!(&reason, DisconnectReason::Protocol(d) if d.contains("4096")),
+        "{reason:?}"
+    );
+    let seen: Vec<Message> = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|m| m.kind() == MessageKind::Untyped));
+    let got: Vec<&[u8]> = seen.iter().map(|m| m.payload().as_ref()).collect();
+    let want: Vec<&[u8]> = sent.iter().map(|p| p.as_slice()).collect();
+    assert_eq!(got, want);
+    // And the peer's socket is closed.
+    support::raw::read_until_closed(&mut raw).await;
+    server.shutdown().await;
+}
+
+/// Messages lent to a borrowing handler count in a lossless session: the client's flush
+/// (which waits for the server to acknowledge every message) finishes, with all of them
+/// handled in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lent_messages_are_acknowledged_in_a_session() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (server, mut events) =
+        Server::bind_with_handler(config(), move |_, _| Borrowing { log: log.clone() })
+            .await
+            .unwrap();
+    let client = Client::connect(ClientConfig {
+        reconnect: true,
+        ..ClientConfig::new(server.local_addr().to_string())
+    })
+    .await
+    .unwrap();
+    next_connected(&mut events).await;
+    for n in 0..3_000u32 {
+        client.send(format!("s{n}")).await.unwrap();
+    }
+    timeout(WAIT, client.flush())
+        .await
+        .expect("flush in time")
+        .unwrap();
+    let seen: Vec<Message> = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3_000);
+    assert!(seen.iter().enumerate().all(|(n, m)| *m == format!("s{n}")));
+    client.close().await.unwrap();
+    server.shutdown().await;
 }

@@ -12,8 +12,11 @@
 //! With `--discard`, `--echo` or `--fanout` (targets for `sockframe bench`), messages are
 //! counted instead of printed: a rate per second on stderr, and totals when the server stops.
 //! `--discard` and `--echo` count (and echo) with a message handler in each connection's
-//! task (`Server::bind_with_handler`, the library's fast path); `--events` makes them take
-//! messages from the event stream instead, as an application reading `ServerEvents` does.
+//! task (`Server::bind_with_handler`, the library's fast path); `--discard` borrows each
+//! message where it was read (`Handler::message_ref`) unless `--owned` asks for each as a
+//! `Message`, and `--echo` takes each as a `Message` to send it back. `--events` makes them
+//! take messages from the event stream instead, as an application reading `ServerEvents`
+//! does.
 //!
 //! Commands, one per line: `send <id> <text>`, `broadcast <text>`, `list`, `kick <id>`,
 //! `send-file <id> <path>`, `help`. The text is sent as typed, byte for byte (no escapes
@@ -137,6 +140,10 @@ pub struct Args {
     /// (the library's fastest path, and the default)
     #[arg(long)]
     events: bool,
+    /// With --discard: count each message as an owned `Message` (`Handler::message`)
+    /// instead of borrowing it where it was read (`Handler::message_ref`, the default)
+    #[arg(long, requires = "discard", conflicts_with = "events")]
+    owned: bool,
 }
 
 /// `--protocol` of `serve`.
@@ -240,7 +247,11 @@ pub async fn run(args: Args) -> Result<()> {
     // No added context: the library's error already reads "cannot listen on ADDR: ...".
     let (server, mut events) = if handled {
         let (counts, echo) = (load.counts.clone(), args.echo);
-        Server::bind_with_handler(config, move |_, _| Counter::new(counts.clone(), echo)).await?
+        let borrows = !args.echo && !args.owned;
+        Server::bind_with_handler(config, move |_, _| {
+            Counter::new(counts.clone(), echo, borrows)
+        })
+        .await?
     } else {
         Server::bind(config).await?
     };
@@ -369,6 +380,8 @@ impl Counts {
 struct Counter {
     counts: Arc<Counts>,
     echo: bool,
+    /// Counts messages lent in place (`message_ref`) rather than owned ones.
+    borrows: bool,
     messages: u64,
     bytes: u64,
 }
@@ -377,25 +390,39 @@ struct Counter {
 const COUNT_STEP: u64 = 256;
 
 impl Counter {
-    fn new(counts: Arc<Counts>, echo: bool) -> Self {
+    fn new(counts: Arc<Counts>, echo: bool, borrows: bool) -> Self {
         Counter {
             counts,
             echo,
+            borrows,
             messages: 0,
             bytes: 0,
+        }
+    }
+
+    fn count(&mut self, len: usize) {
+        self.messages += 1;
+        self.bytes += len as u64;
+        if self.messages == COUNT_STEP {
+            self.counts.add(self.messages, self.bytes);
+            (self.messages, self.bytes) = (0, 0);
         }
     }
 }
 
 impl sockframe::Handler for Counter {
     fn message(&mut self, message: Message) -> Option<Message> {
-        self.messages += 1;
-        self.bytes += message.len() as u64;
-        if self.messages == COUNT_STEP {
-            self.counts.add(self.messages, self.bytes);
-            (self.messages, self.bytes) = (0, 0);
-        }
+        self.count(message.len());
         self.echo.then_some(message)
+    }
+
+    fn borrows(&self) -> bool {
+        self.borrows
+    }
+
+    fn message_ref(&mut self, message: sockframe::MessageRef<'_>) -> Option<Message> {
+        self.count(message.len());
+        self.echo.then(|| message.to_message())
     }
 }
 
