@@ -2022,6 +2022,87 @@ mod tests {
         [&(len as u32).to_le_bytes()[..], &vec![7u8; len]].concat()
     }
 
+    /// A frame whose payload is `payload`.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        [&(payload.len() as u32).to_le_bytes()[..], payload].concat()
+    }
+
+    #[tokio::test]
+    async fn frames_are_walked_in_place_and_stop_where_told() {
+        let (mut peer, stream) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(stream, 1024);
+        let mut wire = Vec::new();
+        for p in [&b"a"[..], b"z", b"", b"bc", b"stop", b"def", b"leave", b"g"] {
+            wire.extend(framed(p));
+        }
+        wire.extend(2000u32.to_le_bytes()); // over the limit of 1024
+        wire.extend(b"rest");
+        peer.write_all(&wire).await.unwrap();
+        // The first frames come the usual way (the very first read is a small one), and
+        // the reads bring the rest along.
+        assert_eq!(&reader.read_frame().await.unwrap().unwrap()[..], b"a");
+        assert_eq!(&reader.read_frame().await.unwrap().unwrap()[..], b"z");
+
+        let mut seen = Vec::new();
+        let taken = reader.for_each_frame(|f| {
+            seen.push(f.to_vec());
+            if f == b"stop" { Step::Last } else { Step::Next }
+        });
+        assert_eq!(taken, 3);
+        assert_eq!(seen, [&b""[..], b"bc", b"stop"]);
+
+        seen.clear();
+        let taken = reader.for_each_frame(|f| {
+            seen.push(f.to_vec());
+            if f == b"leave" {
+                Step::Leave
+            } else {
+                Step::Next
+            }
+        });
+        assert_eq!(taken, 1, "def taken, leave left");
+        assert_eq!(seen, [&b"def"[..], b"leave"]);
+        // What was left is still there, for the usual path.
+        assert_eq!(&reader.try_frame().unwrap().unwrap()[..], b"leave");
+
+        // A bad header stops the walk and is left for `try_frame` to report.
+        seen.clear();
+        assert_eq!(
+            reader.for_each_frame(|f| {
+                seen.push(f.to_vec());
+                Step::Next
+            }),
+            1
+        );
+        assert_eq!(seen, [&b"g"[..]]);
+        assert!(reader.try_frame().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_frame_still_arriving_is_not_walked() {
+        let (mut peer, stream) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(stream, 1024);
+        let mut wire = framed(b"one");
+        wire.extend(framed(b"1"));
+        wire.extend(framed(b"two"));
+        wire.extend(&framed(b"three")[..6]);
+        peer.write_all(&wire).await.unwrap();
+        assert_eq!(&reader.read_frame().await.unwrap().unwrap()[..], b"one");
+        assert_eq!(&reader.read_frame().await.unwrap().unwrap()[..], b"1");
+        let mut seen = Vec::new();
+        assert_eq!(
+            reader.for_each_frame(|f| {
+                seen.push(f.to_vec());
+                Step::Next
+            }),
+            1
+        );
+        assert_eq!(seen, [&b"two"[..]]);
+        assert_eq!(reader.buffered(), 6, "the partial frame stays");
+        peer.write_all(&framed(b"three")[6..]).await.unwrap();
+        assert_eq!(&reader.read_frame().await.unwrap().unwrap()[..], b"three");
+    }
+
     #[tokio::test]
     async fn a_grown_read_buffer_is_given_back_when_the_stream_goes_quiet() {
         let (mut peer, stream) = tokio::io::duplex(1 << 20);
