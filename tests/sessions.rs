@@ -797,3 +797,40 @@ async fn flushes_of_idle_sessions_finish_without_other_traffic() {
     client.close().await.unwrap();
     server.shutdown().await;
 }
+
+/// A close that comes while the client is reconnecting (its link cut, the new one not yet
+/// through): the client finishes reconnecting, resumes, delivers what it queued meanwhile,
+/// and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_reconnecting_resumes_and_delivers_everything() {
+    let (server, mut events, proxy, mut client) = proxied_session().await;
+    client.send("before").await.unwrap();
+    client.flush().await.unwrap();
+    // Cut, and hold every new connection's hello: the client keeps trying.
+    proxy.blackhole(true);
+    proxy.cut_all();
+    loop {
+        match timeout(WAIT, client.recv()).await.unwrap() {
+            Some(ClientEvent::Disconnected { .. }) => break,
+            Some(_) => {}
+            None => panic!("client events ended"),
+        }
+    }
+    for i in 0..3 {
+        client.send(format!("queued {i}")).await.unwrap();
+    }
+    let closing = tokio::spawn(client.close());
+    proxy.blackhole(false);
+    let closed = timeout(WAIT, closing).await.unwrap().unwrap();
+
+    let (got, reason) = texts_until_disconnected(&mut events).await;
+    assert_eq!(
+        got,
+        ["before", "queued 0", "queued 1", "queued 2"],
+        "{closed:?}"
+    );
+    assert!(closed.is_ok(), "close returned {closed:?}");
+    assert_eq!(reason, DisconnectReason::ClosedByPeer);
+    proxy.shutdown().await;
+    server.shutdown().await;
+}
