@@ -31,7 +31,7 @@ const BUSY_READ_AHEAD: usize = 512 * 1024;
 /// rustls asks its transport for at most 4 KiB beyond what it holds (never more than about
 /// one record), so without this a TLS server receiving 1 MiB messages made about 69
 /// `recvfrom` system calls per MiB; with it, at most 16 (up to 64 KiB each, or up to 512 KiB
-/// once the stream is found busy, see [`BUSY_READ_AHEAD`]), and rustls's reads are copies out
+/// once the stream is found busy), and rustls's reads are copies out
 /// of a buffer still in cache. This did not show while the load
 /// generator was the bottleneck (its plaintext copy, see [`RECORD_PLAINTEXT`]); once that
 /// was fixed, the server's CPU per GB fell by about 10-25 % with it (see `docs/benchmarks.md`).
