@@ -1429,10 +1429,7 @@ where
                 Err(reason) => break Err(reason),
             }
         };
-        bump(&self.liveness.frames, frames);
-        bump(&self.liveness.messages, messages);
-        bump(&self.traffic.messages_in, messages);
-        bump(&self.traffic.bytes_in, bytes);
+        self.count_pass(frames, messages, bytes);
         result
     }
 
@@ -1479,11 +1476,17 @@ where
                 }
             }
         });
-        bump(&self.liveness.frames, frames as u64);
+        self.count_pass(frames as u64, messages, bytes);
+        result
+    }
+
+    /// Adds one pass's frames, messages and bytes to the counters, once per pass rather
+    /// than once per message.
+    fn count_pass(&self, frames: u64, messages: u64, bytes: u64) {
+        bump(&self.liveness.frames, frames);
         bump(&self.liveness.messages, messages);
         bump(&self.traffic.messages_in, messages);
         bump(&self.traffic.bytes_in, bytes);
-        result
     }
 
     /// Reads the next frame; a frame that has started must finish within the frame timeout.
@@ -1887,12 +1890,7 @@ impl<W: AsyncWrite + Unpin> Lane<'_, W> {
             (Outgoing::Flush(waiter), Some((retained, _))) => retained.add_waiter(waiter),
             (Outgoing::Flush(waiter), None) => self.flushed.push(waiter),
             (item, Some((retained, acks))) => {
-                // Only frames that went out count: one refused as too large for this peer
-                // was never numbered.
-                if self.push(item.clone())? {
-                    retained.record(item);
-                    acks.sent.store(retained.sent, Ordering::Relaxed);
-                }
+                push_retained(self.writer, item, self.traffic, self.mode, retained, acks)?;
             }
             (item, None) => {
                 self.push(item)?;
@@ -1924,10 +1922,7 @@ async fn drain<W: AsyncWrite + Unpin>(
             // nothing (`close` itself reports what was not delivered).
             (_, Outgoing::Flush(_)) => {}
             (Some((retained, acks)), item) => {
-                if push(writer, item.clone(), traffic, mode)? {
-                    retained.record(item);
-                    acks.sent.store(retained.sent, Ordering::Relaxed);
-                }
+                push_retained(writer, item, traffic, mode, retained, acks)?;
             }
             (None, item) => {
                 push(writer, item, traffic, mode)?;
@@ -1943,6 +1938,23 @@ async fn drain<W: AsyncWrite + Unpin>(
         acks.ack_sent.store(received, Ordering::Relaxed);
     }
     writer.flush().await
+}
+
+/// Encodes one queued item in a session and keeps it until acknowledged. Only frames that
+/// went out count: one refused as too large for this peer was never numbered.
+fn push_retained<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    item: Outgoing,
+    traffic: &Traffic,
+    mode: Mode,
+    retained: &mut Retained,
+    acks: &Acks,
+) -> io::Result<()> {
+    if push(writer, item.clone(), traffic, mode)? {
+        retained.record(item);
+        acks.sent.store(retained.sent, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Encodes one queued item for the connection's mode; `false` if it was not written.
