@@ -28,11 +28,12 @@ use crate::codec::TutorialCodec;
 use crate::handler::Handler;
 use crate::message::{Message, MessageKind, MessageRef};
 use crate::outbox::{FullPolicy, OutboxReceiver, OutboxSender, Weigh};
+use crate::outgoing::{FlushWaiter, Outgoing};
 use crate::protocol::frame::{HEADER_LEN, check_header, encode_header};
 use crate::protocol::message::{self as wire, Frame, Head, close_code};
 use crate::reason::DisconnectReason;
 use crate::request::{Pending, Request};
-use crate::session::{Acks, FlushWaiter, Retained, Session};
+use crate::session::{Acks, Retained, Session};
 
 /// Payloads up to this size are copied into the write buffer (one syscall for many frames);
 /// larger ones are written from their own buffer with vectored writes, never copied.
@@ -520,40 +521,6 @@ impl Bucket {
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
-        }
-    }
-}
-
-/// Something queued for a connection's writer.
-#[derive(Debug, Clone)]
-pub(crate) enum Outgoing {
-    /// An application message.
-    Message(Message),
-    /// A request this side makes.
-    Request { id: u64, message: Message },
-    /// An answer to the peer's request.
-    Response {
-        id: u64,
-        result: crate::request::Answer,
-    },
-    /// Not a frame: done once everything queued before it is confirmed (acknowledged by the
-    /// peer in a session, written without one).
-    Flush(FlushWaiter),
-    /// A file transfer frame (sockframe protocol only).
-    Transfer(crate::protocol::transfer::TransferFrame),
-}
-
-impl Weigh for Outgoing {
-    fn weight(&self) -> usize {
-        match self {
-            Outgoing::Message(m) | Outgoing::Request { message: m, .. } => m.len(),
-            Outgoing::Response { result: Ok(m), .. } => m.len(),
-            Outgoing::Response {
-                result: Err((_, t)),
-                ..
-            } => t.len(),
-            Outgoing::Flush(_) => 0,
-            Outgoing::Transfer(frame) => frame.weight(),
         }
     }
 }

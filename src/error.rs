@@ -2,8 +2,9 @@
 
 use std::io;
 
+use crate::id::ClientId;
 use crate::protocol::FrameError;
-use crate::server::ClientId;
+use crate::reason::DisconnectReason;
 
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
@@ -135,5 +136,19 @@ fn describe_connect_error(e: &io::Error) -> String {
         }
         io::ErrorKind::TimedOut => "timed out".to_string(),
         _ => crate::reason::plain_io_message(e),
+    }
+}
+
+// Here rather than in `reason`, so that the reasons stay below the error type: a reason names
+// no library error, and the error type may carry a reason.
+impl DisconnectReason {
+    /// Classifies a library error that ended a connection.
+    pub(crate) fn from_error(e: &Error) -> Self {
+        match e {
+            Error::Io(io) => Self::from_io(io),
+            Error::Frame(f) => DisconnectReason::Protocol(f.to_string()),
+            e @ Error::FrameTimeout { .. } => DisconnectReason::Protocol(e.to_string()),
+            other => DisconnectReason::Io(other.to_string()),
+        }
     }
 }

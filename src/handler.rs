@@ -98,8 +98,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::id::ClientId;
 use crate::message::{Message, MessageRef};
-use crate::server::ClientId;
 
 /// Handles the messages of one client, in order, inside its connection's task (see the
 /// [module docs](self)).

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
+
+use crate::outgoing::Outgoing;
 use tokio::sync::{Semaphore, TryAcquireError};
 
 /// An item whose size counts against an outbox's byte bound.
@@ -125,7 +127,7 @@ impl<T> Shared<T> {
 
 /// Sending side; cheap to clone.
 #[derive(Debug)]
-pub(crate) struct OutboxSender<T = crate::connection::Outgoing> {
+pub(crate) struct OutboxSender<T = Outgoing> {
     shared: Arc<Shared<T>>,
 }
 
@@ -153,7 +155,7 @@ impl<T> Drop for OutboxSender<T> {
 
 /// Receiving side, owned by the connection's writer.
 #[derive(Debug)]
-pub(crate) struct OutboxReceiver<T = crate::connection::Outgoing> {
+pub(crate) struct OutboxReceiver<T = Outgoing> {
     shared: Arc<Shared<T>>,
 }
 
@@ -330,6 +332,21 @@ impl<T> Drop for OutboxReceiver<T> {
         };
         // Dropped outside the lock: an item's drop may wake others (a flush waiter).
         drop(queued);
+    }
+}
+
+impl Weigh for Outgoing {
+    fn weight(&self) -> usize {
+        match self {
+            Outgoing::Message(m) | Outgoing::Request { message: m, .. } => m.len(),
+            Outgoing::Response { result: Ok(m), .. } => m.len(),
+            Outgoing::Response {
+                result: Err((_, t)),
+                ..
+            } => t.len(),
+            Outgoing::Flush(_) => 0,
+            Outgoing::Transfer(frame) => frame.weight(),
+        }
     }
 }
 

@@ -86,16 +86,6 @@ impl DisconnectReason {
         }
     }
 
-    /// Classifies a library error that ended a connection.
-    pub(crate) fn from_error(e: &crate::Error) -> Self {
-        match e {
-            crate::Error::Io(io) => Self::from_io(io),
-            crate::Error::Frame(f) => DisconnectReason::Protocol(f.to_string()),
-            e @ crate::Error::FrameTimeout { .. } => DisconnectReason::Protocol(e.to_string()),
-            other => DisconnectReason::Io(other.to_string()),
-        }
-    }
-
     /// A short machine-friendly name: `closed_by_peer`, `protocol_error`, …
     pub fn code(&self) -> &'static str {
         match self {

@@ -13,14 +13,11 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::connection::Outgoing;
 use crate::message::Message;
 use crate::outbox::OutboxSender;
+use crate::outgoing::{Answer, Outgoing};
 use crate::protocol::message::error_code;
 use crate::{Error, Result};
-
-/// An answer: the message, or an error code and text.
-pub(crate) type Answer = std::result::Result<Message, (u16, String)>;
 
 /// Requests this side sent and is waiting on.
 #[derive(Debug, Default)]

@@ -20,12 +20,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 
-use crate::connection::Outgoing;
 use crate::outbox::Weigh;
+use crate::outgoing::{FlushWaiter, Outgoing};
 use crate::protocol::message::SessionToken;
 
 /// Receiving this many application frames (or [`ACK_BYTES`]) without acknowledging them
@@ -81,27 +80,6 @@ pub(crate) fn new_token(id: u64) -> std::io::Result<SessionToken> {
     let mut secret = [0u8; 16];
     getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(SessionToken::new(id, secret))
-}
-
-/// Someone waiting until everything queued before them is confirmed: acknowledged by the
-/// peer in a session, written to the socket without one.
-#[derive(Debug, Clone)]
-pub(crate) struct FlushWaiter(Arc<Mutex<Option<oneshot::Sender<()>>>>);
-
-impl FlushWaiter {
-    pub(crate) fn new() -> (Self, oneshot::Receiver<()>) {
-        let (tx, rx) = oneshot::channel();
-        (FlushWaiter(Arc::new(Mutex::new(Some(tx)))), rx)
-    }
-
-    /// Tells the waiter its messages are confirmed. (Dropping every clone unanswered tells
-    /// it they may not be.)
-    pub(crate) fn done(&self) {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tx) = tx {
-            let _ = tx.send(());
-        }
-    }
 }
 
 /// The sending side's window: frames sent and not yet acknowledged, in order.

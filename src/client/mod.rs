@@ -23,18 +23,18 @@ use tokio_util::sync::CancellationToken;
 pub use backoff::Backoff;
 
 use crate::connection::{
-    CloseOrder, Drive, FrameReader, FrameWriter, HEAD_ROOM, Heartbeat, Mode, Outgoing, Traffic,
-    drive,
+    CloseOrder, Drive, FrameReader, FrameWriter, HEAD_ROOM, Heartbeat, Mode, Traffic, drive,
 };
 use crate::message::Message;
 use crate::outbox::{OutboxLimits, OutboxReceiver, OutboxSender, outbox};
+use crate::outgoing::{FlushWaiter, Outgoing};
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::protocol::message::{
     self as wire, Frame, Hello, RejectCode, SessionGrant, SessionRequest, SessionToken,
 };
 use crate::reason::DisconnectReason;
 use crate::request::{Pending, Request};
-use crate::session::{FlushWaiter, Session};
+use crate::session::Session;
 use crate::{Error, Result};
 
 /// What a send does while the client is disconnected (between a drop and the reconnect).

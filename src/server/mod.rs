@@ -36,11 +36,10 @@ use tokio_util::task::TaskTracker;
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
 pub use registry::{ClientId, ClientInfo};
 
-use crate::connection::{
-    Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, Outgoing, drive,
-};
+use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
 use crate::message::Message;
 use crate::outbox::{FullPolicy, TrySendError, outbox};
+use crate::outgoing::Outgoing;
 use crate::protocol::message::{
     self as wire, Frame, Hello, RejectCode, SessionGrant, SessionRequest, SessionToken, Welcome,
 };
@@ -323,7 +322,7 @@ impl Server {
     /// that can no longer happen (the client left or its session expired).
     pub async fn flush(&self, client: ClientId) -> Result<()> {
         let handle = self.handle(client)?;
-        let (waiter, done) = crate::session::FlushWaiter::new();
+        let (waiter, done) = crate::outgoing::FlushWaiter::new();
         deliver(&handle, Outgoing::Flush(waiter), FullPolicy::Wait).await?;
         done.await.map_err(|_| Error::Disconnected)
     }

@@ -1,7 +1,6 @@
 //! The registry of connected clients.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,23 +10,14 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::id::ClientId;
+
 use crate::connection::{CloseOrder, Mode, Traffic};
 use crate::outbox::{OutboxReceiver, OutboxSender};
 use crate::protocol::message::SessionToken;
 use crate::reason::DisconnectReason;
 use crate::request::Pending;
 use crate::session::Session;
-
-/// A client's id: unique for the life of the server, never reused (the tutorial's
-/// `Clients.Count` hands out the same id again after a disconnect). Ids start at 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(pub u64);
-
-impl fmt::Display for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// A snapshot of one connected client.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,8 +50,8 @@ use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Outgoing;
 use crate::outbox::OutboxSender;
+use crate::outgoing::Outgoing;
 use crate::protocol::transfer::{CHUNK_HEAD_LEN, TransferFrame, refuse_code};
 use crate::{Error, Result};
 use store::{FinishError, PartFile};
