@@ -1,0 +1,241 @@
+//! How received messages reach the application: batches of events, or the connection's
+//! handler and its replies, after the rate limit.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::config::RateAction;
+use super::inbound::Inbound;
+use crate::handler::Handler;
+use crate::message::{Message, MessageRef};
+use crate::outbox::FullPolicy;
+use crate::protocol::message as wire;
+use crate::reason::DisconnectReason;
+use crate::request::Request;
+
+/// Most events handed to the application in one batch. Events travel in batches of those
+/// that one read produced: one channel operation and at most one wake-up per batch instead
+/// of per message, which is most of the cost of small messages.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// A connection's [`Handler`], and its reply while that waits for room in the outbox.
+pub(super) struct Handling<'h> {
+    pub(super) handler: &'h mut dyn Handler,
+    /// [`Handler::borrows`], asked once.
+    pub(super) borrows: bool,
+    /// Kept outside the read future, like a held frame, so that cancelling that future
+    /// loses no reply: the next call sends it first.
+    pub(super) reply: Option<Message>,
+    pub(super) policy: FullPolicy,
+}
+
+impl Handling<'_> {
+    /// Gives `message` to the handler, lent if it borrows (a message read alone, not in a
+    /// run that [`Inbound::lend`] lends in place).
+    #[inline]
+    pub(super) fn call(&mut self, message: Message) -> Option<Message> {
+        if self.borrows {
+            self.handler.message_ref(MessageRef::from(&message))
+        } else {
+            self.handler.message(message)
+        }
+    }
+}
+
+impl<E, M, R> Inbound<'_, E, M, R>
+where
+    M: Fn(Message) -> E,
+    R: Fn(Request) -> E,
+{
+    /// Gives the held message frame (of `kind`; `None` for the tutorial framing) to the
+    /// connection's handler, after the rate limit and after the events read before it,
+    /// then queues the handler's reply.
+    pub(super) async fn handle(
+        &self,
+        h: &mut Handling<'_>,
+        held: &mut Option<Bytes>,
+        kind: Option<wire::Kind>,
+        batch: &mut Vec<E>,
+    ) -> Result<(), DisconnectReason> {
+        // (The checks around the calls keep the common case free of a future's setup.)
+        // Requests read before this message reach the application first; a session's
+        // count then stays in order too (it counts a frame once the application has it).
+        if !batch.is_empty() {
+            self.flush(batch).await;
+        }
+        // Last before the message is taken: no wait comes between a token taken from the
+        // rate limit and the message it admits.
+        if self.bucket.is_some() {
+            self.limit(batch).await?;
+        }
+        let message = match kind {
+            None => Message::untyped(held.take().expect("held frame")),
+            Some(kind) => Message::from_wire(
+                kind,
+                self.message_body(held.take().expect("held frame"), kind)?,
+            ),
+        };
+        self.count_in(message.len());
+        h.reply = h.call(message);
+        if let Some(acks) = self.acks {
+            acks.received_one();
+        }
+        if h.reply.is_none() {
+            return Ok(());
+        }
+        self.send_reply(h).await
+    }
+
+    /// Queues the handler's reply, if it has one, for this connection's writer.
+    pub(super) async fn send_reply(&self, h: &mut Handling<'_>) -> Result<(), DisconnectReason> {
+        // A reply that finds no room stays in `h` while waiting, so that cancelling this
+        // future loses nothing. Not reading meanwhile is the point: TCP slows the peer.
+        while !self.queue_reply(h)? {
+            // Only the writer makes room, and it runs in this task: nothing can change
+            // between the failed push and this wait.
+            let room = self.control.replies.room.notified();
+            self.liveness.paused.store(true, Ordering::Relaxed);
+            room.await;
+            self.liveness.paused.store(false, Ordering::Relaxed);
+            self.liveness.frame();
+        }
+        Ok(())
+    }
+
+    /// Queues the reply in `h`, if any, without waiting: `Ok(true)` when it is queued (or
+    /// there was none), `Ok(false)` when the queue is full and the reply stays in `h`, and
+    /// an error when a full queue disconnects the client.
+    pub(super) fn queue_reply(&self, h: &mut Handling<'_>) -> Result<bool, DisconnectReason> {
+        let Some(reply) = h.reply.take() else {
+            return Ok(true);
+        };
+        match self.control.replies.try_push(reply) {
+            Ok(()) => {
+                self.replied.store(true, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(_) if h.policy == FullPolicy::Disconnect => Err(DisconnectReason::SlowConsumer),
+            Err(reply) => {
+                h.reply = Some(reply);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Waits as the rate limit says before the next message, handing over what came
+    /// within the limit first; or fails when the limit disconnects.
+    async fn limit(&self, batch: &mut Vec<E>) -> Result<(), DisconnectReason> {
+        if let Some(bucket) = &self.bucket {
+            loop {
+                let (wait, action) = {
+                    let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                    (bucket.take(), bucket.limit.action)
+                };
+                let Err(wait) = wait else { break };
+                if action == RateAction::Disconnect {
+                    return Err(DisconnectReason::RateLimited);
+                }
+                // What came within the limit goes out before the pause.
+                self.flush(batch).await;
+                // Not reading meanwhile is the point; the peer's silence is ours.
+                self.liveness.paused.store(true, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                self.liveness.paused.store(false, Ordering::Relaxed);
+                self.liveness.frame();
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds an application event to the batch, applying the rate limit first; then the
+    /// held frame is done. A full batch is handed over at once.
+    pub(super) async fn deliver(
+        &self,
+        held: &mut Option<Bytes>,
+        event: E,
+        len: usize,
+        batch: &mut Vec<E>,
+    ) -> Result<(), DisconnectReason> {
+        self.limit(batch).await?;
+        self.accept(held, event, len, batch);
+        if batch.len() >= MAX_BATCH {
+            self.flush(batch).await;
+        }
+        Ok(())
+    }
+
+    /// Whether delivering the next event may wait (a rate limit, or a full batch); when it
+    /// cannot, [`accept`](Self::accept) is used directly, without an `.await`.
+    pub(super) fn waits(&self, batch: &[E]) -> bool {
+        self.bucket.is_some() || batch.len() + 1 >= MAX_BATCH
+    }
+
+    /// The held frame becomes an event in the batch.
+    pub(super) fn accept(
+        &self,
+        held: &mut Option<Bytes>,
+        event: E,
+        len: usize,
+        batch: &mut Vec<E>,
+    ) {
+        held.take();
+        self.count_in(len);
+        self.push_event(batch, event);
+    }
+
+    /// Adds an event to the batch.
+    pub(super) fn push_event(&self, batch: &mut Vec<E>, event: E) {
+        // A batch handed over leaves no buffer behind (an idle connection keeps none); the
+        // next takes its room when its first event arrives.
+        if batch.capacity() == 0 {
+            batch.reserve_exact(self.batch_hint.load(Ordering::Relaxed).clamp(1, MAX_BATCH));
+        }
+        batch.push(event);
+    }
+
+    /// Counts an application message of `len` bytes taken in: traffic, liveness, and the
+    /// session's unacknowledged bytes.
+    fn count_in(&self, len: usize) {
+        if let Some(acks) = self.acks {
+            acks.add_bytes(len);
+        }
+        self.traffic.add_in(len);
+        self.liveness.message();
+    }
+
+    /// Hands the batch to the application, waiting for room in the event stream.
+    ///
+    /// Cancel-safe: the batch is taken only once there is room for it.
+    pub(super) async fn flush(&self, batch: &mut Vec<E>) {
+        if batch.is_empty() {
+            return;
+        }
+        let slot = match self.events.try_reserve() {
+            Ok(slot) => Ok(slot),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(()),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.liveness.paused.store(true, Ordering::Relaxed);
+                let slot = self.events.reserve().await.map_err(|_| ());
+                self.liveness.paused.store(false, Ordering::Relaxed);
+                // The peer had no chance to be heard meanwhile: its clocks restart now.
+                self.liveness.frame();
+                self.liveness.message();
+                slot
+            }
+        };
+        let count = batch.len() as u64;
+        self.batch_hint.store(batch.len(), Ordering::Relaxed);
+        match slot {
+            Ok(slot) => slot.send(std::mem::take(batch)),
+            // Without a listener events are discarded, but the connection is still served.
+            Err(()) => batch.clear(),
+        }
+        // A session counts a frame as received once the application has it (in its event
+        // stream); acknowledgements never run ahead of that.
+        if let Some(acks) = self.acks {
+            acks.received_many(count);
+        }
+    }
+}
