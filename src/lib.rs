@@ -67,6 +67,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod client;
 pub mod codec;
 pub mod connection;

@@ -47,6 +47,49 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
+    /// Every [`label`](Self::label), in declaration order: what a metrics exporter lists so
+    /// that a reason never seen still shows as zero.
+    pub const LABELS: [&'static str; 13] = [
+        "closed_by_peer",
+        "reset",
+        "kicked",
+        "protocol",
+        "shutdown",
+        "slow_consumer",
+        "closed",
+        "heartbeat_timeout",
+        "idle_timeout",
+        "rate_limited",
+        "io",
+        "replaced",
+        "session_expired",
+    ];
+
+    /// A short, stable, snake-case name of the reason without its details (`protocol`, not
+    /// the text of the broken rule): a metric label, a JSON field.
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    /// The reason's position in [`LABELS`](Self::LABELS).
+    pub(crate) fn index(&self) -> usize {
+        match self {
+            DisconnectReason::ClosedByPeer => 0,
+            DisconnectReason::Reset => 1,
+            DisconnectReason::Kicked => 2,
+            DisconnectReason::Protocol(_) => 3,
+            DisconnectReason::Shutdown => 4,
+            DisconnectReason::SlowConsumer => 5,
+            DisconnectReason::Closed => 6,
+            DisconnectReason::HeartbeatTimeout => 7,
+            DisconnectReason::IdleTimeout => 8,
+            DisconnectReason::RateLimited => 9,
+            DisconnectReason::Io(_) => 10,
+            DisconnectReason::Replaced => 11,
+            DisconnectReason::SessionExpired { .. } => 12,
+        }
+    }
+
     /// Whether a session survives a connection that ended this way: the network failed
     /// (reset, end of stream without a `CLOSE`, silence), as opposed to an end on purpose
     /// (a close, a kick, a shutdown, a broken rule).

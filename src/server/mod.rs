@@ -20,6 +20,7 @@
 
 mod config;
 mod registry;
+mod stats;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
 pub use registry::{ClientId, ClientInfo};
+pub use stats::{LATENCY_BUCKETS, Refusal, ServerStats};
 
 use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
 use crate::message::Message;
@@ -200,6 +202,8 @@ struct Inner {
     suspended: Arc<std::sync::atomic::AtomicUsize>,
     /// Makes each client's message handler, when messages go to handlers.
     make_handler: Option<crate::handler::MakeHandler>,
+    /// Totals counted per event (never per message), for [`Server::stats`].
+    counters: stats::Counters,
 }
 
 impl std::fmt::Debug for Inner {
@@ -279,6 +283,7 @@ impl Server {
             transfer_locks: Default::default(),
             suspended: Default::default(),
             make_handler,
+            counters: Default::default(),
         });
         inner
             .tasks
@@ -337,13 +342,16 @@ impl Server {
         if handle.mode != Mode::Sockframe {
             return Err(Error::NotSupported);
         }
-        crate::request::request(
+        let started = std::time::Instant::now();
+        let answer = crate::request::request(
             &handle.pending,
             &handle.outbox,
             msg,
             self.inner.config.request_timeout,
         )
-        .await
+        .await;
+        self.inner.counters.request(started.elapsed());
+        answer
     }
 
     /// Queues `msg` for every connected client; returns how many it was queued for.
@@ -435,6 +443,30 @@ impl Server {
         let mut all: Vec<_> = self.inner.registry.all().iter().map(|h| h.info()).collect();
         all.sort_by_key(|c| c.id);
         all
+    }
+
+    /// The server's totals since it started: connections, disconnects by reason, refusals
+    /// by limit, traffic (of the connected clients and of those gone), sessions, requests,
+    /// files. Added up when called, from counters kept per connection and per event: a
+    /// server that is never asked pays nothing per message. A client leaving during the
+    /// call may be missed by it (or counted twice) until the next one.
+    pub fn stats(&self) -> ServerStats {
+        let mut s = self.inner.counters.snapshot();
+        let mut by_mode = [0u64; 2];
+        for h in self.inner.registry.all() {
+            by_mode[usize::from(h.mode == Mode::Sockframe)] += 1;
+            let [mi, bi, mo, bo] = h.traffic_totals();
+            s.messages_in += mi;
+            s.bytes_in += bi;
+            s.messages_out += mo;
+            s.bytes_out += bo;
+        }
+        s.connected = vec![(Mode::Tutorial, by_mode[0]), (Mode::Sockframe, by_mode[1])];
+        s.sessions_suspended = self
+            .inner
+            .suspended
+            .load(std::sync::atomic::Ordering::Relaxed) as u64;
+        s
     }
 
     /// How many clients are connected right now.
@@ -551,18 +583,22 @@ async fn accept_loop(
         };
         if !inner.config.admits(addr.ip()) {
             tracing::debug!(%addr, "refused by the allow/deny lists");
+            inner.counters.refused(stats::Refusal::Cidr);
             continue;
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%addr, limit = inner.config.max_connections, "connection limit reached; refusing");
+            inner.counters.refused(stats::Refusal::ConnectionLimit);
             drop(stream);
             continue;
         };
         let Some(per_ip) = PerIp::take(&per_ip, addr.ip(), inner.config.max_connections_per_ip)
         else {
             tracing::warn!(%addr, limit = inner.config.max_connections_per_ip, "per-address connection limit reached; refusing");
+            inner.counters.refused(stats::Refusal::PerIp);
             continue;
         };
+        inner.counters.accepted();
         let permit = Slot {
             _global: permit,
             _per_ip: per_ip,
@@ -821,7 +857,14 @@ async fn serve_stream<S>(
         // Weak: transfer tasks that outlive the connection must not keep the event stream
         // open after shutdown; their late events are dropped.
         let events = events.downgrade();
+        // Weak: the engine lives in `inner`, which would otherwise never be freed.
+        let counted = Arc::downgrade(&inner);
         let emit: crate::transfer::Emit = Arc::new(move |event| {
+            if let (crate::transfer::TransferEvent::Received(file), Some(inner)) =
+                (&event, counted.upgrade())
+            {
+                inner.counters.file_received(file.size);
+            }
             let events = events.upgrade();
             Box::pin(async move {
                 if let Some(events) = events {
@@ -844,6 +887,9 @@ async fn serve_stream<S>(
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
     if let Some(reason) = admitted.broken {
         drop(outbox_rx);
+        inner
+            .counters
+            .departed(&reason, registration.handle.traffic_totals());
         drop(registration);
         drop(permit);
         emit(
@@ -1019,6 +1065,7 @@ async fn run_client<R, W>(
         drop(registration);
     }
     tracing::debug!(%client, %reason, "disconnected");
+    inner.counters.departed(&reason, handle.traffic_totals());
     emit(
         &inner,
         &events,
@@ -1111,6 +1158,7 @@ async fn resume(
         handle.park(parked);
         return Err(UNKNOWN);
     }
+    inner.counters.resumed();
     Ok(parked)
 }
 
@@ -1246,6 +1294,7 @@ where
     }
     if !authorized(&config.tokens, &hello) {
         tracing::warn!(name = %hello.name, "client rejected: unauthorized");
+        inner.counters.refused(stats::Refusal::Token);
         reject(writer, RejectCode::Unauthorized, "unauthorized").await;
         return Err("unauthorized".into());
     }

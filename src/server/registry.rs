@@ -179,6 +179,13 @@ impl ClientHandle {
         lock(&self.parked).is_some()
     }
 
+    /// Messages in, bytes in, messages out, bytes out, so far.
+    pub(crate) fn traffic_totals(&self) -> [u64; 4] {
+        let t = &self.traffic;
+        [&t.messages_in, &t.bytes_in, &t.messages_out, &t.bytes_out]
+            .map(|c| c.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn info(&self) -> ClientInfo {
         let t = &self.traffic;
         ClientInfo {
