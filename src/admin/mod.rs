@@ -15,9 +15,9 @@
 //!
 //! How the pieces meet: `mod.rs` binds and drives the HTTP connections (hyper, with a
 //! header timeout and a cap on concurrent connections, so a slow or flooding admin client
-//! cannot reach the messaging port); [`routes`] holds the handlers and the token check;
+//! cannot reach the messaging port); `routes` holds the handlers and the token check;
 //! [`metrics`] turns a [`ServerStats`](crate::server::ServerStats) snapshot into the
-//! exposition text; [`rates`] samples the totals once a second for the per-second figures.
+//! exposition text; `rates` samples the totals once a second for the per-second figures.
 //!
 //! The endpoint only *reads* the server through its public handle ([`Server::stats`],
 //! [`Server::clients`]) and acts through [`Server::disconnect`]: the server does not know

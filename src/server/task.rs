@@ -1,0 +1,382 @@
+//! One client's task: from an accepted stream through admission, registration and the
+//! `Connected` event, the connection itself, to the `Disconnected` event or the parking of
+//! its session for the client to come back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use super::accept::Slot;
+use super::admit::{admit, reject, send_welcome, welcome};
+use super::events::emit;
+use super::park::{Suspension, end_transfers, lock_transfers, resume};
+use super::registry::{Parked, Peer, SessionKey};
+use super::{Inner, ServerEvent, registry};
+use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
+use crate::outbox::outbox;
+use crate::protocol::message::{RejectCode, SessionGrant, SessionRequest};
+use crate::reason::DisconnectReason;
+use crate::session::Session;
+
+/// Runs one client's connection: protocol detection and handshake, then registration (or
+/// the resumption of a session), the `Connected` event, the connection itself, and the
+/// `Disconnected` event. `cert_name` is the name in the client's TLS certificate (mutual
+/// TLS), which wins over a hello's name.
+pub(super) async fn serve_stream<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    addr: SocketAddr,
+    events: mpsc::Sender<Vec<ServerEvent>>,
+    permit: Slot,
+    cert_name: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let config = &inner.config;
+    let (mut reader, mut writer) = Connection::new(stream, config.max_frame).split();
+    let admitted = match admit(&inner, &mut reader, &mut writer).await {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            // Never reported to the application: it was never connected.
+            tracing::debug!(%addr, why, "connection not admitted");
+            return;
+        }
+    };
+    let mode = admitted.mode;
+    if mode == Mode::Sockframe {
+        // `max_frame` bounds bodies; typed frames carry a few bytes of head besides.
+        reader.set_max_frame(config.max_frame + HEAD_ROOM);
+        writer.set_max_frame(config.max_frame + HEAD_ROOM);
+        // The hello made the reader take its working buffer; a client may stay quiet for
+        // long after it (10,000 idle sockframe clients: 8 KiB each).
+        reader.release_buffer();
+    }
+    // Who may resume this client's session: its certificate's name, else its token.
+    let principal = match &cert_name {
+        Some(name) => Bytes::from(name.clone()),
+        None => admitted.token.clone(),
+    };
+
+    if let SessionRequest::Resume { token, received } = admitted.session {
+        let parked = match resume(&inner, &token, received, &principal).await {
+            Ok(parked) => parked,
+            Err(why) => {
+                tracing::info!(%addr, %token, why, "session not resumed");
+                reject(&mut writer, RejectCode::SessionUnknown, why).await;
+                return;
+            }
+        };
+        let handle = parked.registration.handle.clone();
+        let welcome = welcome(
+            config,
+            handle.id,
+            SessionGrant::Resumed {
+                token,
+                received: parked.session.received,
+            },
+        );
+        if let Err(e) = send_welcome(config, &mut writer, welcome).await {
+            tracing::debug!(%addr, error = %e, "could not send the welcome");
+            handle.park(parked);
+            return;
+        }
+        tracing::debug!(client = %handle.id, %addr, "session resumed");
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Resumed {
+                client: handle.id,
+                addr,
+            },
+        )
+        .await;
+        let Parked {
+            session,
+            outbox,
+            registration,
+            handler,
+            replies,
+        } = parked;
+        let link = Link {
+            reader,
+            writer,
+            held: None,
+            silent: false,
+            addr,
+        };
+        let kept = Kept {
+            registration,
+            outbox,
+            session: Some(session),
+            handler,
+            replies,
+        };
+        return run_client(inner, link, kept, events, permit).await;
+    }
+
+    let name = cert_name.unwrap_or(admitted.name);
+    let (outbox_tx, outbox_rx) = outbox(config.outbox);
+    let wants_session = mode == Mode::Sockframe
+        && admitted.session == SessionRequest::New
+        && config.session_grace.is_some();
+    let mut token_error = None;
+    let registration = inner.registry.register(
+        Peer { addr, mode, name },
+        outbox_tx,
+        inner.shutdown.child_token(),
+        |id| {
+            if !wants_session {
+                return None;
+            }
+            match crate::session::new_token(id.0) {
+                Ok(token) => Some(SessionKey { token, principal }),
+                Err(e) => {
+                    token_error = Some(e);
+                    None
+                }
+            }
+        },
+    );
+    if let Some(e) = token_error {
+        // Without randomness there is no safe token; go on without a session.
+        tracing::error!(error = %e, "no random source for a session token; no session");
+    }
+    let handle = registration.handle.clone();
+    let client = handle.id;
+    let session = handle
+        .session
+        .as_ref()
+        .map(|key| Session::new(key.token, config.session_window));
+    if mode == Mode::Sockframe {
+        let grant = match &session {
+            Some(s) => SessionGrant::New(s.token),
+            None => SessionGrant::None,
+        };
+        if let Err(e) = send_welcome(config, &mut writer, welcome(config, client, grant)).await {
+            tracing::debug!(%addr, error = %e, "could not send the welcome");
+            return;
+        }
+    }
+    if mode == Mode::Sockframe {
+        // Weak: transfer tasks that outlive the connection must not keep the event stream
+        // open after shutdown; their late events are dropped.
+        let events = events.downgrade();
+        // Weak: the engine lives in `inner`, which would otherwise never be freed.
+        let counted = Arc::downgrade(&inner);
+        let emit: crate::transfer::Emit = Arc::new(move |event| {
+            if let (crate::transfer::TransferEvent::Received(file), Some(inner)) =
+                (&event, counted.upgrade())
+            {
+                inner.counters.file_received(file.size);
+            }
+            let events = events.upgrade();
+            Box::pin(async move {
+                if let Some(events) = events {
+                    let _ = events
+                        .send(vec![ServerEvent::transfer(client, event)])
+                        .await;
+                }
+            })
+        });
+        let transfers = crate::transfer::Transfers::new(
+            config.transfer.clone(),
+            handle.outbox.clone(),
+            emit,
+            inner.transfer_locks.clone(),
+            config.max_frame,
+        );
+        lock_transfers(&inner).insert(client, transfers);
+    }
+    tracing::debug!(%client, %addr, ?mode, "connected");
+    emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
+    if let Some(reason) = admitted.broken {
+        drop(outbox_rx);
+        inner
+            .counters
+            .departed(&reason, registration.handle.traffic_totals());
+        drop(registration);
+        drop(permit);
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Disconnected { client, reason },
+        )
+        .await;
+        return;
+    }
+    let link = Link {
+        reader,
+        writer,
+        held: admitted.held,
+        silent: admitted.silent,
+        addr,
+    };
+    let handler = inner.make_handler.as_ref().map(|make| make(client, addr));
+    let kept = Kept {
+        registration,
+        outbox: outbox_rx,
+        session,
+        handler,
+        replies: crate::connection::Replies::new(config.outbox),
+    };
+    run_client(inner, link, kept, events, permit).await;
+}
+
+/// What a registered client keeps from one connection to the next (of a session).
+pub(super) struct Kept {
+    registration: registry::Registration,
+    outbox: crate::outbox::OutboxReceiver,
+    session: Option<Session>,
+    handler: Option<Box<dyn crate::Handler>>,
+    /// The handler's replies not yet written (see [`Parked::replies`]).
+    replies: crate::connection::Replies,
+}
+
+/// One connection of a client, after its handshake.
+pub(super) struct Link<R, W> {
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    /// A first tutorial message already read, to be delivered.
+    held: Option<Bytes>,
+    /// See [`Admitted::silent`].
+    silent: bool,
+    addr: SocketAddr,
+}
+
+/// Runs a registered client's connection; afterwards either ends the client (the
+/// `Disconnected` event) or, when a session survives a network failure, parks the session
+/// and keeps it for [`ServerConfig::session_grace`] for the client to come back.
+pub(super) async fn run_client<R, W>(
+    inner: Arc<Inner>,
+    link: Link<R, W>,
+    kept: Kept,
+    events: mpsc::Sender<Vec<ServerEvent>>,
+    permit: Slot,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Kept {
+        registration,
+        outbox: mut outbox_rx,
+        mut session,
+        mut handler,
+        replies,
+    } = kept;
+    let config = &inner.config;
+    let handle = registration.handle.clone();
+    let client = handle.id;
+    let close = handle.new_link(link.addr);
+    // The client's file transfers live as long as it does: across a session's connections.
+    let transfers = lock_transfers(&inner).get(&client).cloned();
+    let outcome = drive(
+        link.reader,
+        link.writer,
+        link.held,
+        Drive {
+            mode: handle.mode,
+            max_body: config.max_frame,
+            refuse_late_hello: link.silent,
+            outbox: &mut outbox_rx,
+            reply: &handle.outbox,
+            pending: &handle.pending,
+            events: &events,
+            on_message: |message| ServerEvent::Message { client, message },
+            on_request: |request| ServerEvent::Request { client, request },
+            traffic: &handle.traffic,
+            close: &close,
+            close_order: || handle.close_order(),
+            drain_deadline: config.drain_deadline,
+            heartbeat: config.heartbeat,
+            idle_timeout: config.idle_timeout,
+            frame_timeout: config.frame_timeout,
+            rate_limit: config.rate_limit,
+            session: session.as_mut(),
+            transfers: transfers.as_ref().map(|t| t.inbox()),
+            handler: handler.as_deref_mut().map(|h| h as &mut dyn crate::Handler),
+            reply_policy: config.send_policy,
+            replies: &replies,
+        },
+    )
+    .await;
+    drop(transfers);
+    // Counts this session among the suspended ones while it waits.
+    let mut suspension = None;
+    let keep = session.is_some()
+        && outcome.link_failed()
+        && !handle.close.is_cancelled()
+        && Suspension::take(&inner).is_some_and(|s| {
+            suspension = Some(s);
+            true
+        });
+    let mut reason = outcome.reason;
+    // The connection slot is free whether or not the session lives on.
+    drop(permit);
+    if let (true, Some(session), Some(grace)) = (keep, session, config.session_grace) {
+        tracing::debug!(%client, %reason, "connection lost; session kept");
+        emit(
+            &inner,
+            &events,
+            ServerEvent::Suspended {
+                client,
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        handle.park(Parked {
+            session,
+            outbox: outbox_rx,
+            registration,
+            handler,
+            replies,
+        });
+        let expiry = tokio::time::sleep(grace);
+        tokio::pin!(expiry);
+        loop {
+            tokio::select! {
+                _ = handle.on_resume.notified() => {
+                    if !handle.is_parked() {
+                        // A new connection carries the session now.
+                        return;
+                    }
+                }
+                _ = &mut expiry => break,
+                _ = handle.close.cancelled() => break,
+            }
+        }
+        let Some(parked) = handle.take_parked() else {
+            return;
+        };
+        end_transfers(&inner, client);
+        reason = if handle.close.is_cancelled() {
+            handle.close_order().reason
+        } else {
+            let undelivered = parked.session.retained.unacked() + parked.outbox.len() as u64;
+            tracing::info!(%client, undelivered, "session expired");
+            DisconnectReason::SessionExpired { undelivered }
+        };
+        handle.pending.fail_all();
+        // Unregisters the client, before the event (see below).
+        drop(parked);
+    } else {
+        end_transfers(&inner, client);
+        handle.pending.fail_all();
+        // Fail sends still waiting for room in this client's queue now: an application
+        // blocked in such a send may be the one that must read the event below.
+        drop(outbox_rx);
+        // Unregister before reporting, so that `clients()` never lists a client already
+        // reported gone and a client may reconnect as soon as it is.
+        drop(registration);
+    }
+    tracing::debug!(%client, %reason, "disconnected");
+    inner.counters.departed(&reason, handle.traffic_totals());
+    emit(
+        &inner,
+        &events,
+        ServerEvent::Disconnected { client, reason },
+    )
+    .await;
+}
