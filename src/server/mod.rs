@@ -367,7 +367,16 @@ impl Server {
     #[cfg(feature = "tls")]
     pub fn reload_tls(&self) -> Result<()> {
         match &self.inner.config.tls {
-            Some(tls) => Ok(tls.reload()?),
+            Some(tls) => match tls.reload() {
+                Ok(()) => {
+                    tracing::info!("TLS certificate and key reloaded");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS reload failed; the old pair stays in force");
+                    Err(e.into())
+                }
+            },
             None => Ok(()),
         }
     }
@@ -376,9 +385,13 @@ impl Server {
     /// (bounded by [`ServerConfig::drain_deadline`]), closes every connection with reason
     /// `shutdown`, and returns when every connection task has ended.
     pub async fn shutdown(&self) {
+        if !self.inner.shutdown.is_cancelled() {
+            tracing::info!(clients = self.inner.registry.len(), "shutting down");
+        }
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+        tracing::info!("shut down");
     }
 
     /// Whether [`shutdown`](Self::shutdown) has been called.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod leak;
+pub mod process;
 pub mod proxy;
 pub mod raw;
 pub mod transfer;

@@ -10,6 +10,14 @@ use crate::parse;
 /// Arguments of `sockframe serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Read the settings from this TOML file: each key is a flag's name without its dashes
+    /// (`max-conns = 1000`, `heartbeat = "5s"`, `discard = true`); flags typed override it
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<std::path::PathBuf>,
+    /// Print the effective settings (defaults, file and flags) as TOML and exit; secrets in
+    /// force are named, their values shown as <hidden>
+    #[arg(long)]
+    pub(crate) print_config: bool,
     /// Address to listen on; port 0 lets the OS choose. The address actually bound is printed
     /// on stderr as `listening on ADDR`
     #[arg(long, value_name = "ADDR", default_value_t = ServerConfig::default().bind)]
@@ -104,6 +112,19 @@ pub struct Args {
     /// instead of borrowing it where it was read (`Handler::message_ref`, the default)
     #[arg(long, requires = "discard", conflicts_with = "events")]
     pub(super) owned: bool,
+    /// Serve the admin HTTP endpoint here: Prometheus metrics (/metrics), health (/healthz,
+    /// /readyz), a JSON API (/api/clients, /api/stats) and a live dashboard (/). Off by
+    /// default; bind a loopback address unless the network is trusted. The address bound is
+    /// printed on stderr as `admin on http://ADDR`
+    #[cfg(feature = "admin")]
+    #[arg(long, value_name = "ADDR")]
+    pub(super) admin: Option<SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on every admin route but /healthz: a file
+    /// holding the token (its first non-blank line). The token can also come from the
+    /// environment variable SOCKFRAME_ADMIN_TOKEN; never from the command line
+    #[cfg(feature = "admin")]
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    pub(super) admin_token_file: Option<std::path::PathBuf>,
 }
 
 /// `--protocol` of `serve`.
@@ -155,7 +176,54 @@ fn frame_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The admin token from `--admin-token-file`, else from `SOCKFRAME_ADMIN_TOKEN`.
+#[cfg(feature = "admin")]
+fn load_admin_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read the admin token file {}", path.display()))?;
+        return match text.lines().map(str::trim).find(|t| !t.is_empty()) {
+            Some(token) => Ok(Some(token.to_string())),
+            None => bail!("the admin token file {} holds no token", path.display()),
+        };
+    }
+    Ok(std::env::var("SOCKFRAME_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
 impl Args {
+    /// The secrets in force (tokens, admin token), by name, for `--print-config`.
+    pub(crate) fn secrets(&self) -> Result<Vec<&'static str>> {
+        let mut names = Vec::new();
+        let tokens = load_tokens(self.token_file.as_deref())?;
+        if !tokens.is_empty() {
+            names.push(if tokens.len() == 1 {
+                "1 client token"
+            } else {
+                "client tokens"
+            });
+        }
+        #[cfg(feature = "admin")]
+        if self.admin.is_some() && load_admin_token(self.admin_token_file.as_deref())?.is_some() {
+            names.push("admin token");
+        }
+        Ok(names)
+    }
+
+    /// The admin endpoint's settings, when `--admin` asks for one.
+    #[cfg(feature = "admin")]
+    pub(super) fn admin_config(&self) -> Result<Option<sockframe::admin::AdminConfig>> {
+        let Some(bind) = self.admin else {
+            return Ok(None);
+        };
+        Ok(Some(sockframe::admin::AdminConfig {
+            bind: Some(bind),
+            token: load_admin_token(self.admin_token_file.as_deref())?,
+        }))
+    }
+
     /// The server's settings; creates the `--save-dir` directory and reads the tokens.
     pub(super) fn server_config(&self) -> Result<ServerConfig> {
         let mut config = ServerConfig::new(self.bind);

@@ -41,6 +41,7 @@
 
 mod args;
 mod command;
+pub mod file;
 mod load;
 mod printer;
 mod signals;
@@ -68,6 +69,8 @@ const EVENT_BATCH: usize = 256;
 /// every client's `disconnected` line is printed.
 pub async fn run(args: Args) -> Result<()> {
     let mut config = args.server_config()?;
+    #[cfg(feature = "admin")]
+    let admin_config = args.admin_config()?;
     let mut load = Load::new(&args);
     let handled = !args.events && matches!(load.mode, Some(LoadMode::Discard | LoadMode::Echo));
     if args.echo {
@@ -95,6 +98,16 @@ pub async fn run(args: Args) -> Result<()> {
     // port.
     let line = format!("listening on {}\n", server.local_addr());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    #[cfg(feature = "admin")]
+    let admin = match admin_config {
+        Some(admin_config) => {
+            let admin = sockframe::admin::Admin::start(server.clone(), admin_config).await?;
+            let line = format!("admin on http://{}\n", admin.local_addr());
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            Some(admin)
+        }
+        None => None,
+    };
     if io::IsTerminal::is_terminal(&io::stdin()) {
         eprintln!("{USAGE}");
     }
@@ -164,6 +177,11 @@ pub async fn run(args: Args) -> Result<()> {
     }
     if let Some(shutdown) = shutdown {
         shutdown.await.context("failed to shut down")?;
+    }
+    // Last: /healthz answers 503 while the clients drain, for a load balancer to see.
+    #[cfg(feature = "admin")]
+    if let Some(admin) = admin {
+        admin.stop().await;
     }
     load.print_totals();
     Ok(())
