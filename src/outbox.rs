@@ -189,6 +189,11 @@ fn permits(len: usize, max: u32) -> u32 {
 }
 
 impl<T: Weigh> OutboxSender<T> {
+    /// Messages queued right now (for an operator's view; takes the queue's lock).
+    pub(crate) fn len(&self) -> usize {
+        self.shared.lock().queue.len()
+    }
+
     /// Queues `msg`, waiting for room. Fails only when the receiver is gone.
     ///
     /// Cancel-safe: dropped while waiting, it has queued nothing and holds no room.

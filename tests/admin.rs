@@ -316,3 +316,69 @@ async fn hostile_http_gets_4xx_and_messaging_goes_on() {
     assert_eq!(http(at, "GET", "/healthz", None).await.0, 200);
     admin.stop().await;
 }
+
+#[tokio::test]
+async fn transfers_in_progress_and_client_state_are_listed() {
+    use sockframe::client::{Client, ClientConfig, ClientEvent};
+    use sockframe::transfer::{Direction, TransferConfig};
+    use support::transfer::{TempDir, generate};
+
+    let dir = TempDir::new("admin-transfers");
+    let (src, save) = (dir.sub("src"), dir.sub("save"));
+    generate(&src.join("pushed.bin"), 1 << 20, 7);
+    let (server, mut events) = support::start_server().await;
+    let admin = start_admin(&server, Some(TOKEN)).await;
+    let at = admin.local_addr();
+    let mut config = ClientConfig::new(server.local_addr().to_string());
+    config.transfer = TransferConfig::receive_into(&save);
+    config.reconnect = true; // and so a lossless session
+    let mut client = Client::connect(config).await.unwrap();
+    let id = support::next_connected(&mut events).await;
+
+    // A sockframe client has a session, connected now, and nothing queued.
+    let (_, body) = http(at, "GET", "/api/clients", Some(TOKEN)).await;
+    let clients: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(clients[0]["session"], "connected", "{body}");
+    assert_eq!(clients[0]["queued"], 0, "{body}");
+
+    // The server offers a file; until the client accepts, it is in progress with 0 done.
+    let handle = server.send_file(id, src.join("pushed.bin")).await.unwrap();
+    let offer = timeout(WAIT, async {
+        loop {
+            if let ClientEvent::FileOffer(offer) = client.recv().await.expect("client events") {
+                return offer;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let listed = server.transfers();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (client_id, status) = &listed[0];
+    assert_eq!(*client_id, id);
+    assert_eq!(
+        (
+            status.name.as_str(),
+            status.size,
+            status.done,
+            status.direction
+        ),
+        ("pushed.bin", 1 << 20, 0, Direction::Sending)
+    );
+    let (status, body) = http(at, "GET", "/api/transfers", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let transfers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(transfers[0]["name"], "pushed.bin", "{body}");
+    assert_eq!(transfers[0]["direction"], "sending", "{body}");
+    assert_eq!(transfers[0]["size"], 1 << 20, "{body}");
+    assert_eq!(http(at, "GET", "/api/transfers", None).await.0, 401);
+
+    // Accepted and verified: it leaves the list.
+    offer.accept();
+    timeout(WAIT, handle.finish()).await.unwrap().unwrap();
+    assert!(server.transfers().is_empty());
+    let (_, body) = http(at, "GET", "/api/transfers", Some(TOKEN)).await;
+    assert_eq!(body.trim(), "[]");
+    client.close().await.unwrap();
+    admin.stop().await;
+}

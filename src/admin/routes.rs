@@ -38,6 +38,7 @@ pub(super) fn router(state: Ctx) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/clients", get(clients))
         .route("/api/stats", get(stats))
+        .route("/api/transfers", get(transfers))
         .route("/api/events", get(events))
         .route("/api/clients/{id}/kick", post(kick))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -154,7 +155,11 @@ async fn events(Shared(state): Shared<Ctx>) -> Sse<impl Stream<Item = Result<Eve
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
-        let body = json!({ "stats": stats_json(&state), "clients": clients_json(&state.server) });
+        let body = json!({
+            "stats": stats_json(&state),
+            "clients": clients_json(&state.server),
+            "transfers": transfers_json(&state.server),
+        });
         let event = Event::default().event("update").data(body.to_string());
         Some((Ok(event), (state, false)))
     });
@@ -177,7 +182,32 @@ fn client_json(c: &ClientInfo) -> Value {
         "bytes_in": c.bytes_in,
         "messages_out": c.messages_out,
         "bytes_out": c.bytes_out,
+        "queued": c.queued,
+        "session": c.session.as_str(),
     })
+}
+
+/// `GET /api/transfers`: the files in progress.
+async fn transfers(Shared(state): Shared<Ctx>) -> Json<Value> {
+    Json(transfers_json(&state.server))
+}
+
+fn transfers_json(server: &Server) -> Value {
+    Value::Array(
+        server
+            .transfers()
+            .into_iter()
+            .map(|(client, t)| {
+                json!({
+                    "client": client.0,
+                    "name": t.name,
+                    "size": t.size,
+                    "done": t.done,
+                    "direction": t.direction.as_str(),
+                })
+            })
+            .collect(),
+    )
 }
 
 fn clients_json(server: &Server) -> Value {

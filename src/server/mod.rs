@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
-pub use registry::{ClientId, ClientInfo};
+pub use registry::{ClientId, ClientInfo, SessionState};
 pub use stats::{LATENCY_BUCKETS, Refusal, ServerStats};
 
 use crate::connection::Mode;
@@ -326,6 +326,21 @@ impl Server {
         let mut all: Vec<_> = self.inner.registry.all().iter().map(|h| h.info()).collect();
         all.sort_by_key(|c| c.id);
         all
+    }
+
+    /// The files being sent to or received from clients right now, with the bytes done of
+    /// each, ordered by client.
+    pub fn transfers(&self) -> Vec<(ClientId, crate::transfer::TransferStatus)> {
+        // Clone the engines out first: reading each one's board takes its own lock.
+        let mut engines: Vec<_> = park::lock_transfers(&self.inner)
+            .iter()
+            .map(|(client, transfers)| (*client, transfers.clone()))
+            .collect();
+        engines.sort_by_key(|(client, _)| *client);
+        engines
+            .into_iter()
+            .flat_map(|(client, t)| t.in_progress().into_iter().map(move |s| (client, s)))
+            .collect()
     }
 
     /// The server's totals since it started: connections, disconnects by reason, refusals

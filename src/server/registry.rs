@@ -21,6 +21,7 @@ use crate::session::Session;
 
 /// A snapshot of one connected client.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientInfo {
     /// The client's id.
     pub id: ClientId,
@@ -40,6 +41,32 @@ pub struct ClientInfo {
     pub protocol: Mode,
     /// The name a sockframe client gave in its hello (empty if none).
     pub name: String,
+    /// Messages queued for the client, not yet written to its socket.
+    pub queued: usize,
+    /// Whether the client has a lossless session, and whether it is connected now.
+    pub session: SessionState,
+}
+
+/// The state of a client's lossless session, in [`ClientInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// No session (the tutorial framing, or a client that asked for none).
+    None,
+    /// A session, carried by a live connection.
+    Connected,
+    /// A session whose connection dropped, kept for the client to resume.
+    Suspended,
+}
+
+impl SessionState {
+    /// `"none"`, `"connected"` or `"suspended"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::None => "none",
+            SessionState::Connected => "connected",
+            SessionState::Suspended => "suspended",
+        }
+    }
 }
 
 /// What the server keeps for one connected client (for a client with a lossless session:
@@ -198,6 +225,12 @@ impl ClientHandle {
             bytes_out: t.bytes_out.load(Ordering::Relaxed),
             protocol: self.mode,
             name: self.name.clone(),
+            queued: self.outbox.len(),
+            session: match (&self.session, lock(&self.parked).is_some()) {
+                (None, _) => SessionState::None,
+                (Some(_), false) => SessionState::Connected,
+                (Some(_), true) => SessionState::Suspended,
+            },
         }
     }
 }

@@ -125,6 +125,8 @@ pub(super) struct Shared {
     frame_limit: AtomicUsize,
     pub(super) closed: AtomicBool,
     pub(super) state: Mutex<State>,
+    /// The transfers in progress, for [`Transfers::in_progress`].
+    pub(super) board: super::progress::Board,
 }
 
 #[derive(Default)]
@@ -173,12 +175,18 @@ impl Transfers {
             frame_limit: AtomicUsize::new(frame_limit),
             closed: AtomicBool::new(false),
             state: Mutex::new(State::default()),
+            board: Default::default(),
         });
         let inbox = Arc::new(Inbox {
             shared: shared.clone(),
             tx: std::sync::OnceLock::new(),
         });
         Transfers { shared, inbox }
+    }
+
+    /// The files this engine is sending or receiving right now.
+    pub(crate) fn in_progress(&self) -> Vec<super::TransferStatus> {
+        self.shared.board.statuses()
     }
 
     /// Where the connection puts the transfer frames it reads.

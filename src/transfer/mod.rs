@@ -57,12 +57,14 @@
 
 mod engine;
 mod name;
+mod progress;
 mod receiver;
 mod sender;
 mod source;
 mod store;
 
 pub use name::{BadName, MAX_NAME_LEN, check_name};
+pub use progress::{Direction, TransferStatus};
 pub use receiver::{FileFailure, FileOffer, ReceivedFile};
 pub use sender::{FileReceipt, Progress, TransferHandle};
 

@@ -278,7 +278,12 @@ async fn receive(shared: Arc<Shared>, offer: Offered) {
     {
         return;
     }
+    let watch = shared
+        .board
+        .watch(&name, size, super::progress::Direction::Receiving);
+    watch.set(offset);
     let mut receiving = Receiving {
+        watch,
         shared: &shared,
         id,
         token,
@@ -292,6 +297,8 @@ async fn receive(shared: Arc<Shared>, offer: Offered) {
 
 /// One accepted incoming transfer.
 struct Receiving<'a> {
+    /// This transfer on the engine's board of transfers in progress.
+    watch: super::progress::Watch<'a>,
     shared: &'a Arc<Shared>,
     id: u64,
     token: u64,
@@ -455,6 +462,7 @@ impl Receiving<'_> {
         })
         .await
         .map_err(|e| e.to_string())?;
+        self.watch.set(part.written());
         self.part = Some(part);
         result
     }

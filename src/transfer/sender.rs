@@ -173,6 +173,9 @@ async fn send(shared: Arc<Shared>, state: Arc<SendState>) -> Result<FileReceipt>
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
         .map_err(file_error)?;
+    let watch = shared
+        .board
+        .watch(&state.name, state.size, super::progress::Direction::Sending);
     let mut attempts = 0;
     'attempt: loop {
         attempts += 1;
@@ -207,12 +210,14 @@ async fn send(shared: Arc<Shared>, state: Arc<SendState>) -> Result<FileReceipt>
                 *accepted = Some(offset);
                 *confirmed = offset;
                 state.confirmed.store(offset, Ordering::Relaxed);
+                watch.set(offset);
                 Flow::Go
             }
             Some(Reply::Frame(TransferFrame::Progress { offset, .. })) => {
                 if offset > *confirmed {
                     *confirmed = offset;
                     state.confirmed.store(offset, Ordering::Relaxed);
+                    watch.set(offset);
                 }
                 Flow::Go
             }
