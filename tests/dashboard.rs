@@ -3,7 +3,7 @@
 //! `chromium`; `.ci/run` installs it), driven through the DevTools protocol. The test checks
 //! that the rendered page lists every client's address, and that the page's kick button
 //! disconnects the client it belongs to (and only that one). It saves a screenshot of the
-//! page in `CARGO_TARGET_TMPDIR/dashboard.png` (the one in `docs/` was taken so).
+//! page in `CARGO_TARGET_TMPDIR/dashboard.png`.
 //!
 //! Every wait is bounded by `WAIT`; the browser and the server are killed and reaped on drop.
 
@@ -173,9 +173,10 @@ impl Page {
     }
 }
 
-/// One HTTP/1.1 exchange with `Connection: close`: status and body.
+/// One HTTP/1.1 exchange: status and body. The body is read by its `Content-Length`, as
+/// Chromium's DevTools server keeps the connection open despite `Connection: close`.
 fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -183,20 +184,40 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response);
-    let status = response
+    (&stream).write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap_or_else(|| panic!("no status in {status_line:?}"));
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = Vec::new();
+    match length {
+        Some(n) => {
+            body.resize(n, 0);
+            reader.read_exact(&mut body).unwrap();
+        }
+        None => {
+            let _ = reader.read_to_end(&mut body);
+        }
+    }
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A tutorial client connected to `server` from the loopback address `source`.
@@ -279,12 +300,14 @@ fn the_dashboard_lists_clients_and_kicks_one_from_the_page() {
         Value::Bool(true),
         "no kick button for {victim_addr}"
     );
-    server.stdout.wait_prefix("disconnected 2 kicked");
     let mut buf = [0u8; 1];
     assert!(
         matches!(victim.read(&mut buf), Ok(0) | Err(_)),
         "the kicked client's connection is closed"
     );
+    // Close our end too: the server's close waits (a bounded while) for the peer's.
+    victim.shutdown(std::net::Shutdown::Both).unwrap();
+    server.stdout.wait_prefix("disconnected 2 kicked");
     page.wait_until(
         "the kicked client gone",
         &format!("!document.querySelector('#clients').innerText.includes('{victim_addr}')"),

@@ -64,6 +64,8 @@ fn init_logs(format: LogFormat, level: Option<&str>, default: LevelFilter) -> an
     };
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never in a file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter);
     match format {
         LogFormat::Text => logs.init(),
