@@ -67,6 +67,10 @@ pub enum Error {
         /// The peer's description.
         text: String,
     },
+    /// The cluster could not do its part: Redis is unreachable, or the client's node did
+    /// not answer in time.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A request was not answered in time.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),

@@ -70,6 +70,8 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod codec;
 pub mod connection;
 mod error;

@@ -106,6 +106,10 @@ pub struct ServerConfig {
     /// File transfer (sockframe clients). Default: no save directory, so files offered by
     /// clients are refused; sending files to clients works regardless.
     pub transfer: crate::transfer::TransferConfig,
+    /// The other nodes of a cluster (`sockframe::cluster`, feature `cluster`), for sends,
+    /// requests and broadcasts that reach every client wherever it is connected, and ids
+    /// unique across the nodes. Default: none, a single node.
+    pub cluster: Option<std::sync::Arc<dyn super::Peers>>,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +142,7 @@ impl Default for ServerConfig {
             #[cfg(feature = "tls")]
             tls: None,
             transfer: crate::transfer::TransferConfig::default(),
+            cluster: None,
         }
     }
 }

@@ -38,6 +38,7 @@ mod admit;
 mod config;
 mod events;
 mod park;
+mod peers;
 mod registry;
 mod stats;
 mod task;
@@ -53,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
+pub use peers::{BoxFuture, Peers};
 pub use registry::{ClientId, ClientInfo, SessionState};
 pub use stats::{LATENCY_BUCKETS, Refusal, ServerStats};
 
@@ -163,9 +165,9 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let (events_tx, rx) = mpsc::channel(config.event_capacity.max(1));
         let inner = Arc::new(Inner {
+            registry: Arc::new(Registry::new(config.cluster.clone())),
             config,
             local_addr,
-            registry: Arc::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             transfers: Default::default(),
@@ -178,7 +180,11 @@ impl Server {
             .tasks
             .spawn(accept_loop(inner.clone(), listener, events_tx));
         tracing::info!(addr = %local_addr, "listening");
-        Ok((Server { inner }, ServerEvents::new(rx)))
+        let server = Server { inner };
+        if let Some(peers) = &server.inner.config.cluster {
+            peers.start(server.clone());
+        }
+        Ok((server, ServerEvents::new(rx)))
     }
 
     /// The address the server listens on (useful after binding port 0).
@@ -195,7 +201,13 @@ impl Server {
     /// is full. Returns once queued (not once written).
     pub async fn send(&self, client: ClientId, msg: impl Into<Message>) -> Result<()> {
         let msg = self.checked(msg.into())?;
-        let handle = self.handle(client)?;
+        let handle = match self.inner.registry.get(client) {
+            Some(handle) => handle,
+            None => match &self.inner.config.cluster {
+                Some(peers) => return peers.send(client, msg).await,
+                None => return Err(Error::UnknownClient(client)),
+            },
+        };
         deliver(
             &handle,
             Outgoing::Message(msg),
@@ -221,7 +233,13 @@ impl Server {
     /// [`Error::Disconnected`]. Dropping the future cancels the request.
     pub async fn request(&self, client: ClientId, msg: impl Into<Message>) -> Result<Message> {
         let msg = self.checked(msg.into())?;
-        let handle = self.handle(client)?;
+        let handle = match self.inner.registry.get(client) {
+            Some(handle) => handle,
+            None => match &self.inner.config.cluster {
+                Some(peers) => return peers.request(client, msg).await,
+                None => return Err(Error::UnknownClient(client)),
+            },
+        };
         if handle.mode != Mode::Sockframe {
             return Err(Error::NotSupported);
         }
@@ -257,7 +275,25 @@ impl Server {
     }
 
     async fn broadcast_filtered(&self, msg: Message, except: Option<ClientId>) -> Result<usize> {
-        let msg = Outgoing::Message(self.checked(msg)?);
+        let msg = self.checked(msg)?;
+        // Other nodes first: one publish, and each fans out to its own clients while this
+        // one does. A cluster that cannot publish fails the call: the local clients still
+        // get the message, and the caller learns that the others did not.
+        let remote = match &self.inner.config.cluster {
+            Some(peers) => Some(peers.broadcast(msg.clone(), except).await),
+            None => None,
+        };
+        let delivered = self.broadcast_local(msg, except).await;
+        match remote {
+            Some(Err(e)) => Err(e),
+            _ => Ok(delivered),
+        }
+    }
+
+    /// The local half of a broadcast: the clients of this node (for a cluster, also what
+    /// another node's broadcast delivers here). Returns how many it was queued for.
+    pub async fn broadcast_local(&self, msg: Message, except: Option<ClientId>) -> usize {
+        let msg = Outgoing::Message(msg);
         let policy = self.inner.config.broadcast_policy;
         let mut delivered = 0;
         let mut waiting = Vec::new();
@@ -276,7 +312,52 @@ impl Server {
         }
         let waited = join_all(waiting.iter().map(|h| h.outbox.send(msg.clone()))).await;
         delivered += waited.iter().filter(|r| r.is_ok()).count();
-        Ok(delivered)
+        delivered
+    }
+
+    /// Queues `msg` for `client` only if it is connected to this node (what a cluster
+    /// delivers for another node); fails with [`Error::UnknownClient`] otherwise.
+    pub async fn send_local(&self, client: ClientId, msg: Message) -> Result<()> {
+        let msg = self.checked(msg)?;
+        let handle = self.handle(client)?;
+        deliver(
+            &handle,
+            Outgoing::Message(msg),
+            self.inner.config.send_policy,
+        )
+        .await
+    }
+
+    /// A request to `client` only if it is connected to this node (for a cluster).
+    pub async fn request_local(&self, client: ClientId, msg: Message) -> Result<Message> {
+        if self.inner.registry.get(client).is_none() {
+            return Err(Error::UnknownClient(client));
+        }
+        self.request(client, msg).await
+    }
+
+    /// The clients connected to this node only, ordered by id ([`clients`](Self::clients)
+    /// adds those of the other nodes of a cluster).
+    pub fn local_clients(&self) -> Vec<ClientInfo> {
+        let node = self
+            .inner
+            .config
+            .cluster
+            .as_ref()
+            .map(|p| p.node().to_string());
+        let mut all: Vec<_> = self
+            .inner
+            .registry
+            .all()
+            .iter()
+            .map(|h| {
+                let mut info = h.info();
+                info.node = node.clone();
+                info
+            })
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all
     }
 
     /// Sends the file at `path` to a sockframe client: hashes it (BLAKE3), offers it, and
@@ -321,10 +402,14 @@ impl Server {
         }
     }
 
-    /// Every connected client, ordered by id.
+    /// Every connected client, ordered by id; in a cluster, those of every node (the other
+    /// nodes' as last heard through the cluster, with their node in [`ClientInfo::node`]).
     pub fn clients(&self) -> Vec<ClientInfo> {
-        let mut all: Vec<_> = self.inner.registry.all().iter().map(|h| h.info()).collect();
-        all.sort_by_key(|c| c.id);
+        let mut all = self.local_clients();
+        if let Some(peers) = &self.inner.config.cluster {
+            all.extend(peers.remote_clients());
+            all.sort_by_key(|c| c.id);
+        }
         all
     }
 
@@ -406,6 +491,9 @@ impl Server {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+        if let Some(peers) = &self.inner.config.cluster {
+            peers.stop();
+        }
         tracing::info!("shut down");
     }
 

@@ -45,6 +45,8 @@ pub struct ClientInfo {
     pub queued: usize,
     /// Whether the client has a lossless session, and whether it is connected now.
     pub session: SessionState,
+    /// The node of a cluster the client is connected to (`None` on a single server).
+    pub node: Option<String>,
 }
 
 /// The state of a client's lossless session, in [`ClientInfo`].
@@ -231,6 +233,7 @@ impl ClientHandle {
                 (Some(_), false) => SessionState::Connected,
                 (Some(_), true) => SessionState::Suspended,
             },
+            node: None,
         }
     }
 }
@@ -248,9 +251,21 @@ pub(crate) struct Peer {
 pub(crate) struct Registry {
     next_id: AtomicU64,
     clients: Mutex<HashMap<ClientId, Arc<ClientHandle>>>,
+    /// The cluster told of each client that joins and leaves.
+    peers: Option<Arc<dyn super::Peers>>,
 }
 
 impl Registry {
+    /// An empty registry; with `peers`, ids count from the node's base and the cluster
+    /// hears of every client.
+    pub(crate) fn new(peers: Option<Arc<dyn super::Peers>>) -> Registry {
+        Registry {
+            next_id: AtomicU64::new(peers.as_ref().map_or(0, |p| p.id_base())),
+            clients: Mutex::default(),
+            peers,
+        }
+    }
+
     /// Registers a new client; it stays registered until the returned guard drops.
     pub(crate) fn register(
         self: &Arc<Self>,
@@ -279,6 +294,9 @@ impl Registry {
             on_resume: Notify::new(),
         });
         lock(&self.clients).insert(id, handle.clone());
+        if let Some(peers) = &self.peers {
+            peers.joined(&handle.info());
+        }
         Registration {
             registry: self.clone(),
             handle,
@@ -309,6 +327,9 @@ pub(crate) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.registry.clients).remove(&self.handle.id);
+        if let Some(peers) = &self.registry.peers {
+            peers.left(self.handle.id);
+        }
     }
 }
 

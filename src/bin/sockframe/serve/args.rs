@@ -125,6 +125,16 @@ pub struct Args {
     #[cfg(feature = "admin")]
     #[arg(long, value_name = "FILE", requires = "admin")]
     pub(super) admin_token_file: Option<std::path::PathBuf>,
+    /// Act as one server with the other nodes using this Redis (redis://HOST:PORT[/DB]):
+    /// ids unique across nodes, `send`, `request` and `broadcast` reaching every client,
+    /// `list` showing them all. Off by default: a single node needs no Redis
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "URL")]
+    pub(super) cluster: Option<String>,
+    /// This node's name in the cluster [default: node-N, N its number]
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    pub(super) node_id: Option<String>,
 }
 
 /// `--protocol` of `serve`.
@@ -194,6 +204,19 @@ fn load_admin_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
 }
 
 impl Args {
+    /// Joins the cluster of `--cluster`, if given.
+    #[cfg(feature = "cluster")]
+    pub(super) async fn join_cluster(
+        &self,
+    ) -> Result<Option<std::sync::Arc<sockframe::cluster::Cluster>>> {
+        let Some(url) = &self.cluster else {
+            return Ok(None);
+        };
+        let mut config = sockframe::cluster::ClusterConfig::new(url.clone());
+        config.node = self.node_id.clone();
+        Ok(Some(sockframe::cluster::Cluster::connect(config).await?))
+    }
+
     /// The secrets in force (tokens, admin token), by name, for `--print-config`.
     pub(crate) fn secrets(&self) -> Result<Vec<&'static str>> {
         let mut names = Vec::new();

@@ -129,6 +129,9 @@ impl<'a> Command<'a> {
                     .broadcast(output::message_from_line(text.to_vec()))
                     .await
                 {
+                    Ok(n) if server.config().cluster.is_some() => {
+                        eprintln!("broadcast to {n} client(s) here and to the other nodes")
+                    }
                     Ok(n) => eprintln!("broadcast to {n} client(s)"),
                     Err(e) => eprintln!("error: cannot broadcast: {e}"),
                 }

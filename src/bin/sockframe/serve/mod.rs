@@ -71,6 +71,15 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = args.server_config()?;
     #[cfg(feature = "admin")]
     let admin_config = args.admin_config()?;
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = args.join_cluster().await? {
+        eprintln!(
+            "cluster node {} (number {})",
+            cluster.node(),
+            cluster.node_number()
+        );
+        config.cluster = Some(cluster);
+    }
     let mut load = Load::new(&args);
     let handled = !args.events && matches!(load.mode, Some(LoadMode::Discard | LoadMode::Echo));
     if args.echo {

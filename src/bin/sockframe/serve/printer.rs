@@ -127,7 +127,7 @@ impl Printer {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if self.json {
-            let fields: [(&str, Value); 8] = [
+            let mut fields: Vec<(&str, Value)> = vec![
                 ("event", "client".into()),
                 ("client", c.id.0.into()),
                 ("addr", c.addr.to_string().into()),
@@ -137,10 +137,18 @@ impl Printer {
                 ("messages_out", c.messages_out.into()),
                 ("bytes_out", c.bytes_out.into()),
             ];
+            if let Some(node) = &c.node {
+                fields.push(("node", node.as_str().into()));
+            }
             json_object(&fields)
         } else {
+            let node = c
+                .node
+                .as_ref()
+                .map(|n| format!(" node={}", output::escape(n)))
+                .unwrap_or_default();
             format!(
-                "client {} {} connected_at={since} messages_in={} bytes_in={} messages_out={} bytes_out={}",
+                "client {} {} connected_at={since} messages_in={} bytes_in={} messages_out={} bytes_out={}{node}",
                 c.id, c.addr, c.messages_in, c.bytes_in, c.messages_out, c.bytes_out
             )
         }

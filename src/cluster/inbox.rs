@@ -1,0 +1,143 @@
+//! What Redis pushes to this node (its own channel and the broadcast channel), delivered to
+//! the local clients through the server's handle.
+//!
+//! One task takes the pushes in order, so that the messages one node sends to one client
+//! arrive in the order sent; a request (which waits for the client's answer) runs in a task
+//! of its own. The pushes wait in a bounded queue: Redis's reader must never block, so a
+//! push that finds the queue full is dropped and counted, and the node that sent it learns
+//! of it as a timeout (a send or request) — an explicit failure, not a silent one — while a
+//! dropped broadcast is logged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::wire::{Failure, Packet};
+use super::{Shared, node_channel};
+use crate::Error;
+use crate::server::ClientId;
+
+/// Pushes queued at most (each at most one message).
+pub(crate) const CAPACITY: usize = 4096;
+
+/// The connection's push sender: never blocks, drops (and counts) when the queue is full.
+pub(crate) struct PushSender {
+    tx: mpsc::Sender<PushInfo>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PushSender {
+    pub(crate) fn new(tx: mpsc::Sender<PushInfo>) -> PushSender {
+        PushSender {
+            tx,
+            dropped: Arc::default(),
+        }
+    }
+}
+
+impl redis::aio::AsyncPushSender for PushSender {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        match self.tx.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped = n, "cluster inbox full; packets dropped");
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
+        }
+    }
+}
+
+/// Takes pushes until the cluster stops.
+pub(crate) async fn run(shared: Arc<Shared>, mut pushes: mpsc::Receiver<PushInfo>) {
+    loop {
+        let push = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            push = pushes.recv() => match push {
+                Some(push) => push,
+                None => return,
+            },
+        };
+        match push.kind {
+            PushKind::Message => {}
+            PushKind::Disconnection => {
+                tracing::debug!(node = %shared.name, "Redis connection lost; reconnecting");
+                continue;
+            }
+            _ => continue,
+        }
+        // A message push is [channel, payload].
+        let Some(Value::BulkString(payload)) = push.data.into_iter().nth(1) else {
+            continue;
+        };
+        match Packet::decode(Bytes::from(payload)) {
+            Ok(packet) => handle(&shared, packet).await,
+            Err(e) => tracing::warn!(node = %shared.name, error = %e, "bad cluster packet ignored"),
+        }
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, packet: Packet) {
+    let Some(server) = shared.server() else {
+        return;
+    };
+    match packet {
+        Packet::Send {
+            from,
+            corr,
+            client,
+            msg,
+        } => {
+            let outcome = server
+                .send_local(ClientId(client), msg)
+                .await
+                .map_err(failure);
+            let ack = Packet::Ack { corr, outcome };
+            let _ = shared
+                .publish(node_channel(&shared.config.prefix, from), &ack)
+                .await;
+        }
+        Packet::Broadcast { from, except, msg } => {
+            if from != shared.number {
+                server.broadcast_local(msg, except.map(ClientId)).await;
+            }
+        }
+        Packet::Request {
+            from,
+            corr,
+            client,
+            msg,
+        } => {
+            let shared = shared.clone();
+            shared.tasks.clone().spawn(async move {
+                let outcome = server
+                    .request_local(ClientId(client), msg)
+                    .await
+                    .map_err(failure);
+                let response = Packet::Response { corr, outcome };
+                let _ = shared
+                    .publish(node_channel(&shared.config.prefix, from), &response)
+                    .await;
+            });
+        }
+        packet @ (Packet::Ack { corr, .. } | Packet::Response { corr, .. }) => {
+            shared.answered(corr, packet);
+        }
+    }
+}
+
+/// A local error as a failure to report to the asking node.
+fn failure(e: Error) -> Failure {
+    match e {
+        Error::UnknownClient(_) => Failure::Unknown,
+        Error::NotSupported => Failure::NotSupported,
+        Error::Remote { code, text } => Failure::Remote { code, text },
+        e => Failure::Other(e.to_string()),
+    }
+}

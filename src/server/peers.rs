@@ -1,0 +1,47 @@
+//! The other servers this one acts as one with: the [`Peers`] a cluster implements.
+//!
+//! The server knows a cluster only through this trait (`crate::cluster` implements it over
+//! Redis and imports the server, never the other way round). Without one
+//! ([`ServerConfig::cluster`](super::ServerConfig::cluster) unset, the default), every
+//! method below is simply never called: a single node runs nothing extra.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::{ClientId, ClientInfo, Server};
+use crate::Result;
+use crate::message::Message;
+
+/// A boxed future, as trait objects return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The rest of a cluster, as one server sees it.
+///
+/// The server calls [`start`](Self::start) once it listens, tells of each local client
+/// that joins or leaves, and hands over what it cannot do alone: a send, a request to a
+/// client that is not its own, and the remote half of a broadcast.
+pub trait Peers: Send + Sync + std::fmt::Debug + 'static {
+    /// This node's name, shown with its clients.
+    fn node(&self) -> &str;
+    /// The first client id of this node minus one: local ids count up from it, so that the
+    /// ids of different nodes never collide (for example the node's number in the high
+    /// bits).
+    fn id_base(&self) -> u64;
+    /// The server is listening: start delivering what other nodes send to its clients.
+    fn start(&self, server: Server);
+    /// The server is shutting down: stop, and let go of the server handle.
+    fn stop(&self);
+    /// A client of this node joined.
+    fn joined(&self, client: &ClientInfo);
+    /// A client of this node left (or its session ended).
+    fn left(&self, client: ClientId);
+    /// Delivers `msg` to `client`, which is not connected to this node; fails with
+    /// [`Error::UnknownClient`](crate::Error::UnknownClient) if no node has it.
+    fn send(&self, client: ClientId, msg: Message) -> BoxFuture<'_, Result<()>>;
+    /// Sends a request to `client` on another node and returns its answer.
+    fn request(&self, client: ClientId, msg: Message) -> BoxFuture<'_, Result<Message>>;
+    /// Sends `msg` to the clients of every other node (but `except`), once per node.
+    fn broadcast(&self, msg: Message, except: Option<ClientId>) -> BoxFuture<'_, Result<()>>;
+    /// The clients of the other nodes, as last heard (no I/O).
+    fn remote_clients(&self) -> Vec<ClientInfo>;
+}
