@@ -184,6 +184,7 @@ fn client_json(c: &ClientInfo) -> Value {
         "bytes_out": c.bytes_out,
         "queued": c.queued,
         "session": c.session.as_str(),
+        "node": c.node,
     })
 }
 
