@@ -9,7 +9,7 @@
 //! dropped broadcast is logged.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use redis::{PushInfo, PushKind, Value};
@@ -20,47 +20,75 @@ use super::{Shared, node_channel};
 use crate::Error;
 use crate::server::ClientId;
 
-/// Pushes queued at most (each at most one message).
-pub(crate) const CAPACITY: usize = 4096;
+/// Bytes of pushes queued at most.
+pub(crate) const MAX_QUEUED_BYTES: usize = 32 << 20;
 
-/// The connection's push sender: never blocks, drops (and counts) when the queue is full.
-pub(crate) struct PushSender {
-    tx: mpsc::Sender<PushInfo>,
+/// The pushes waiting for the inbox task, counted in bytes.
+pub(crate) struct Queue {
+    tx: mpsc::UnboundedSender<(PushInfo, usize)>,
+    bytes: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
 }
 
-impl PushSender {
-    pub(crate) fn new(tx: mpsc::Sender<PushInfo>) -> PushSender {
-        PushSender {
-            tx,
-            dropped: Arc::default(),
-        }
-    }
+/// The inbox task's end of the [`Queue`].
+pub(crate) struct Pushes {
+    rx: mpsc::UnboundedReceiver<(PushInfo, usize)>,
+    bytes: Arc<AtomicUsize>,
 }
 
-impl redis::aio::AsyncPushSender for PushSender {
+/// A queue of pushes bounded by [`MAX_QUEUED_BYTES`].
+pub(crate) fn queue() -> (Queue, Pushes) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        Queue {
+            tx,
+            bytes: bytes.clone(),
+            dropped: Arc::default(),
+        },
+        Pushes { rx, bytes },
+    )
+}
+
+/// The size a push counts for: its payloads plus a little for the rest.
+fn weight(info: &PushInfo) -> usize {
+    64 + info
+        .data
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => b.len(),
+            _ => 16,
+        })
+        .sum::<usize>()
+}
+
+impl redis::aio::AsyncPushSender for Queue {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
-        match self.tx.try_send(info) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(dropped = n, "cluster inbox full; packets dropped");
-                }
-                Ok(())
+        let weight = weight(&info);
+        if self.bytes.fetch_add(weight, Ordering::Relaxed) + weight > MAX_QUEUED_BYTES {
+            self.bytes.fetch_sub(weight, Ordering::Relaxed);
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "cluster inbox full; packets dropped");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
+            return Ok(());
         }
+        self.tx
+            .send((info, weight))
+            .map_err(|_| redis::aio::SendError)
     }
 }
 
 /// Takes pushes until the cluster stops.
-pub(crate) async fn run(shared: Arc<Shared>, mut pushes: mpsc::Receiver<PushInfo>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut pushes: Pushes) {
     loop {
         let push = tokio::select! {
             _ = shared.stop.cancelled() => return,
-            push = pushes.recv() => match push {
-                Some(push) => push,
+            push = pushes.rx.recv() => match push {
+                Some((push, weight)) => {
+                    pushes.bytes.fetch_sub(weight, Ordering::Relaxed);
+                    push
+                }
                 None => return,
             },
         };

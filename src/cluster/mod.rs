@@ -127,8 +127,12 @@ pub(crate) struct Shared {
     pub(crate) errors: AtomicU64,
     pub(crate) stop: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// What to publish, in order, for the publisher task (bounded: callers wait when full).
+    publisher: tokio::sync::mpsc::Sender<Publish>,
+    /// The publisher's end, until its task starts.
+    publishes: Mutex<Option<tokio::sync::mpsc::Receiver<Publish>>>,
     /// The pushes Redis sends this node, until the inbox task starts.
-    pushes: Mutex<Option<tokio::sync::mpsc::Receiver<redis::PushInfo>>>,
+    pushes: Mutex<Option<inbox::Pushes>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -151,12 +155,13 @@ impl Cluster {
         let url = format!("{}{sep}protocol=resp3", config.url);
         let client = redis::Client::open(url.as_str())
             .map_err(|e| fail(&format!("bad Redis URL {}", config.url), e))?;
-        let (push_tx, push_rx) = tokio::sync::mpsc::channel(inbox::CAPACITY);
+        let (push_tx, push_rx) = inbox::queue();
+        let (publisher, publishes) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_max_delay(Duration::from_secs(2))
-            .set_push_sender(inbox::PushSender::new(push_tx))
+            .set_push_sender(push_tx)
             .set_automatic_resubscription();
         let mut redis = ConnectionManager::new_with_config(client, manager_config)
             .await
@@ -196,6 +201,8 @@ impl Cluster {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             pushes: Mutex::new(Some(push_rx)),
+            publisher,
+            publishes: Mutex::new(Some(publishes)),
         });
         Ok(Arc::new(Cluster { shared }))
     }
@@ -256,11 +263,36 @@ impl Shared {
         }
     }
 
-    /// Publishes `packet` on `channel`; returns how many nodes heard it.
+    /// Publishes `packet` on `channel` through the publisher; returns how many nodes heard
+    /// it.
     pub(crate) async fn publish(&self, channel: String, packet: &Packet) -> Result<usize> {
-        let mut redis = self.redis.clone();
-        let result = redis.publish(channel, packet.encode()).await;
-        self.redis_result(result)
+        let (tx, rx) = oneshot::channel();
+        self.publisher
+            .send(Publish {
+                channel,
+                bytes: packet.encode(),
+                heard: Some(tx),
+            })
+            .await
+            .map_err(|_| Error::Cluster("the cluster stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Cluster("the cluster stopped".into()))?
+    }
+
+    /// Queues `packet` for publishing on `channel` without waiting for Redis's reply (a
+    /// broadcast needs no count). Fails at once while Redis is known to be unreachable.
+    pub(crate) async fn publish_unconfirmed(&self, channel: String, packet: &Packet) -> Result<()> {
+        if !self.up.load(Ordering::Relaxed) {
+            return Err(Error::Cluster("Redis unreachable".into()));
+        }
+        self.publisher
+            .send(Publish {
+                channel,
+                bytes: packet.encode(),
+                heard: None,
+            })
+            .await
+            .map_err(|_| Error::Cluster("the cluster stopped".into()))
     }
 
     /// Sends `make(corr)` to `node` and waits for its answer.
@@ -304,6 +336,61 @@ impl Shared {
     }
 }
 
+/// Publishes queued at most; a caller waits for room beyond.
+const PUBLISH_QUEUE: usize = 1024;
+/// Publishes sent in one pipeline at most.
+const PUBLISH_BATCH: usize = 256;
+
+/// One publish for the publisher task.
+pub(crate) struct Publish {
+    channel: String,
+    bytes: Vec<u8>,
+    /// Where to say how many nodes heard it (or the error), if anyone waits.
+    heard: Option<oneshot::Sender<Result<usize>>>,
+}
+
+/// Sends the queued publishes in order, as many as are ready in one pipeline: one round
+/// trip to Redis for a burst of broadcasts instead of one each.
+async fn publisher(shared: Arc<Shared>, mut queue: tokio::sync::mpsc::Receiver<Publish>) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let n = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            n = queue.recv_many(&mut batch, PUBLISH_BATCH) => n,
+        };
+        if n == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for p in &batch {
+            pipe.publish(&p.channel, &p.bytes);
+        }
+        let mut redis = shared.redis.clone();
+        let result: redis::RedisResult<Vec<usize>> = pipe.query_async(&mut redis).await;
+        match shared.redis_result(result) {
+            Ok(heard) => {
+                for (p, h) in batch.drain(..).zip(heard) {
+                    if let Some(tx) = p.heard {
+                        let _ = tx.send(Ok(h));
+                    }
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                for p in batch.drain(..) {
+                    if let Some(tx) = p.heard {
+                        let _ = tx.send(Err(Error::Cluster(
+                            text.trim_start_matches("cluster: ").to_string(),
+                        )));
+                    } else {
+                        tracing::warn!(node = %shared.name, channel = %p.channel, "broadcast not published: Redis unreachable");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Removes a pending answer's entry on drop.
 struct Forget<'a> {
     shared: &'a Shared,
@@ -340,6 +427,10 @@ impl Peers for Cluster {
         if let Some(pushes) = lock(&self.shared.pushes).take() {
             let shared = self.shared.clone();
             self.shared.tasks.spawn(inbox::run(shared, pushes));
+        }
+        if let Some(publishes) = lock(&self.shared.publishes).take() {
+            let shared = self.shared.clone();
+            self.shared.tasks.spawn(publisher(shared, publishes));
         }
         let shared = self.shared.clone();
         self.shared.tasks.spawn(registry::heartbeat(shared));
@@ -417,9 +508,8 @@ impl Peers for Cluster {
                 msg,
             };
             self.shared
-                .publish(broadcast_channel(&self.shared.config.prefix), &packet)
+                .publish_unconfirmed(broadcast_channel(&self.shared.config.prefix), &packet)
                 .await
-                .map(|_| ())
         })
     }
 
