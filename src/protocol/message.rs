@@ -12,9 +12,8 @@
 //! `u16` length in front, except where a field runs to the end of the frame. The full table
 //! of types, with hex vectors, is in `docs/protocol.md`; the tests below pin those vectors.
 
-use std::fmt;
-
 use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt;
 
 /// The first eight bytes of a hello: `89 53 46 52 4d 0d 0a 1a` (`\x89SFRM\r\n\x1a`).
 ///

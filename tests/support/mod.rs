@@ -5,6 +5,7 @@ pub mod leak;
 pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod redis_server;
 pub mod transfer;
 
 use std::time::Duration;
