@@ -292,6 +292,18 @@ impl<T: Weigh> OutboxReceiver<T> {
     pub(crate) fn len(&self) -> usize {
         self.shared.lock().queue.len()
     }
+
+    /// Closes the queue and takes everything in it, oldest first: a send after this fails
+    /// (`Closed`), so nothing queued can be lost between the taking and the closing (a
+    /// session handed over to another node carries these along).
+    pub(crate) fn close_and_drain(&mut self) -> Vec<T> {
+        self.shared.bytes.close();
+        self.shared.slots.close();
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.waker = None;
+        std::mem::take(&mut state.queue).into()
+    }
 }
 
 /// Takes the oldest message out.

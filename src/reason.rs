@@ -44,12 +44,15 @@ pub enum DisconnectReason {
         /// Frames sent or queued that the peer never acknowledged.
         undelivered: u64,
     },
+    /// The client's lossless session moved to another node of the cluster, where the
+    /// client came back (server only): nothing was lost, it is served there now.
+    HandedOver,
 }
 
 impl DisconnectReason {
     /// Every [`label`](Self::label), in declaration order: what a metrics exporter lists so
     /// that a reason never seen still shows as zero.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 14] = [
         "closed_by_peer",
         "reset",
         "kicked",
@@ -63,6 +66,7 @@ impl DisconnectReason {
         "io",
         "replaced",
         "session_expired",
+        "handed_over",
     ];
 
     /// A short, stable, snake-case name of the reason without its details (`protocol`, not
@@ -87,6 +91,7 @@ impl DisconnectReason {
             DisconnectReason::Io(_) => 10,
             DisconnectReason::Replaced => 11,
             DisconnectReason::SessionExpired { .. } => 12,
+            DisconnectReason::HandedOver => 13,
         }
     }
 
@@ -145,6 +150,7 @@ impl DisconnectReason {
             DisconnectReason::Io(_) => "io_error",
             DisconnectReason::Replaced => "replaced",
             DisconnectReason::SessionExpired { .. } => "session_expired",
+            DisconnectReason::HandedOver => "handed_over",
         }
     }
 }
@@ -168,6 +174,7 @@ impl fmt::Display for DisconnectReason {
                 f,
                 "session expired; {undelivered} frame(s) may not have been delivered"
             ),
+            DisconnectReason::HandedOver => f.write_str("session handed over to another node"),
         }
     }
 }

@@ -116,6 +116,38 @@ impl Retained {
         }
     }
 
+    /// A window carried over from another node (a session handed over): `sent` frames
+    /// sent, `acked` of them acknowledged, `frames` the rest, oldest first.
+    pub(crate) fn restore(
+        limits: SessionLimits,
+        sent: u64,
+        acked: u64,
+        frames: Vec<Outgoing>,
+    ) -> Result<Self, String> {
+        if sent.checked_sub(acked) != Some(frames.len() as u64) {
+            return Err(format!(
+                "{} retained frames for {sent} sent and {acked} acknowledged",
+                frames.len()
+            ));
+        }
+        let mut retained = Retained::new(limits);
+        retained.bytes = frames.iter().map(Weigh::weight).sum();
+        retained.frames = frames.into();
+        retained.sent = sent;
+        retained.acked = acked;
+        retained.requested = acked;
+        Ok(retained)
+    }
+
+    /// The unacknowledged frames, oldest first, taken out (the window is handed over);
+    /// flushes still waiting are dropped, which tells them their frames may not be
+    /// confirmed.
+    pub(crate) fn take_frames(&mut self) -> Vec<Outgoing> {
+        self.waiters.clear();
+        self.bytes = 0;
+        std::mem::take(&mut self.frames).into()
+    }
+
     /// Whether another frame may be sent before acknowledgements arrive.
     pub(crate) fn has_room(&self) -> bool {
         // A frame larger than the byte bound is sent when the window is empty.

@@ -3,7 +3,10 @@
 //! sends and requests reach a client on another node (an unknown id is an error), a
 //! broadcast reaches every client once, order is kept across the hop, a dead node's
 //! clients leave the registry within the TTL, and a Redis outage leaves local traffic
-//! untouched while cross-node sends fail clearly until Redis is back.
+//! untouched while cross-node sends fail clearly until Redis is back. A client whose
+//! connection is cut comes back (through a round-robin proxy, as behind a load balancer)
+//! to another node, which takes its lossless session over: nothing lost, duplicated or
+//! reordered; a session whose node died is reported expired.
 
 mod support;
 
@@ -18,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use support::proxy::{FaultConfig, FaultProxy};
 use support::redis_server::RedisServer;
 use support::{WAIT, next_connected, start_server_with};
 
@@ -291,4 +295,160 @@ async fn a_redis_outage_leaves_local_traffic_alone_and_fails_cross_node_sends_cl
         }
     }
     assert_eq!(read_frame(&mut on_b).await, b"after");
+}
+
+/// A client that reconnects at once and asks for a lossless session.
+fn session_client(addr: std::net::SocketAddr) -> ClientConfig {
+    ClientConfig {
+        reconnect: true,
+        reconnect_backoff: sockframe::client::Backoff {
+            initial: Duration::from_millis(2),
+            max: Duration::from_millis(50),
+            deadline: Some(Duration::from_secs(30)),
+            ..Default::default()
+        },
+        handshake_timeout: Duration::from_secs(5),
+        ..ClientConfig::new(addr.to_string())
+    }
+}
+
+/// Drains a node's events in the background: how many sessions it handed over to another
+/// node, and the other reasons its clients left for.
+fn count_handed_over(
+    mut events: ServerEvents,
+) -> tokio::task::JoinHandle<(u64, Vec<sockframe::DisconnectReason>)> {
+    tokio::spawn(async move {
+        let (mut handed, mut others) = (0, Vec::new());
+        while let Some(event) = events.recv().await {
+            if let sockframe::server::ServerEvent::Disconnected { reason, .. } = event {
+                match reason {
+                    sockframe::DisconnectReason::HandedOver => handed += 1,
+                    reason => others.push(reason),
+                }
+            }
+        }
+        (handed, others)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_follow_a_client_moved_between_nodes() {
+    const N: u64 = 10_000;
+    const MOVES: u64 = 6;
+    let redis = RedisServer::start();
+    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
+    let (b, eb, _) = node_with(&redis, "b", support::config()).await;
+    let (c, ec, _) = node_with(&redis, "c", support::config()).await;
+    // A round-robin balancer: each new connection goes to the next node, a, b, c, a, ...
+    let proxy = FaultProxy::start_balancing(
+        vec![a.local_addr(), b.local_addr(), c.local_addr()],
+        FaultConfig::no_cuts(),
+    )
+    .await;
+    let mut client = Client::connect(session_client(proxy.addr())).await.unwrap();
+    let id = next_connected(&mut ea).await;
+    let counters = [
+        count_handed_over(ea),
+        count_handed_over(eb),
+        count_handed_over(ec),
+    ];
+
+    // Node b sends them all, one after the other, wherever the client is.
+    let sender = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                b.send(id, Message::text(i.to_string()))
+                    .await
+                    .unwrap_or_else(|e| panic!("send {i}: {e}"));
+            }
+        })
+    };
+    let mut next = 0u64;
+    let mut resumed = 0;
+    let mut seen = Vec::new(); // what the client saw besides messages, for a failure's report
+    while next < N || resumed < MOVES {
+        // Cut the client's connection each N / (MOVES + 1) messages, once the last cut's
+        // resume is seen (a cut that found no connection is made again): it comes back
+        // through the balancer to the next node, which must take the session over. The
+        // client may have read every message before the last cuts take effect.
+        if next >= (resumed + 1) * (N / (MOVES + 1)) && resumed < MOVES && proxy.cuts() <= resumed {
+            proxy.cut_all();
+        }
+        let event = timeout(WAIT, client.recv())
+            .await
+            .unwrap_or_else(|_| panic!("client: nothing after message {next}; saw {seen:?}"))
+            .expect("client events");
+        match event {
+            ClientEvent::Message(m) => {
+                assert!(next < N, "a duplicate after the last message: {m:?}");
+                assert_eq!(
+                    m.as_text(),
+                    Some(next.to_string().as_str()),
+                    "lost, duplicated or reordered"
+                );
+                next += 1;
+                continue;
+            }
+            ClientEvent::Resumed { .. } => resumed += 1,
+            ClientEvent::Disconnected { .. } | ClientEvent::Reconnecting { .. } => {}
+            // The first connection's notice; a later one would mean a new session.
+            ClientEvent::Connected { .. } if next == 0 && proxy.cuts() == 0 => {}
+            ref other => panic!("client: unexpected {other:?} after message {next}; saw {seen:?}"),
+        }
+        seen.push(format!("{event:?} at {next}"));
+    }
+    timeout(WAIT, sender).await.unwrap().unwrap();
+    // Every resume landed on another node: each took the session from the one before.
+    let holder = [&a, &b, &c]
+        .into_iter()
+        .filter(|n| n.local_clients().iter().any(|c| c.id == id))
+        .count();
+    assert_eq!(holder, 1, "exactly one node holds the client");
+    let _ = client.close().await;
+    for server in [&a, &b, &c] {
+        server.shutdown().await;
+    }
+    let (mut handed, mut others) = (0, Vec::new());
+    for counter in counters {
+        let (h, o) = timeout(WAIT, counter).await.unwrap().unwrap();
+        handed += h;
+        others.extend(o);
+    }
+    assert!(handed >= MOVES, "sessions handed over: {handed}");
+    // The only other departure is the client's own close at the end.
+    assert_eq!(others.len(), 1, "{others:?}");
+}
+
+#[tokio::test]
+async fn a_session_whose_node_died_is_reported_expired_on_the_new_node() {
+    let redis = RedisServer::start();
+    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
+    // The node that dies is a real `sockframe serve --cluster` process, killed (SIGKILL).
+    let (x, x_addr) = support::process::serve(&["--cluster", &redis.url(), "--node-id", "x"]);
+    let proxy =
+        FaultProxy::start_balancing(vec![x_addr, a.local_addr()], FaultConfig::no_cuts()).await;
+    let mut client = Client::connect(session_client(proxy.addr())).await.unwrap();
+    client.sender().send("hello x").await.unwrap();
+    client.sender().flush().await.unwrap();
+    drop(x); // SIGKILL and reap: its sessions die with it
+    proxy.cut_all();
+    // The client comes back to node a, which finds nobody to hand the session over.
+    let event = timeout(WAIT, async {
+        loop {
+            match client.recv().await.expect("client events") {
+                e @ ClientEvent::SessionExpired { .. } => return e,
+                ClientEvent::Resumed { .. } => panic!("resumed a session whose node died"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an explicit expiry");
+    assert!(
+        matches!(event, ClientEvent::SessionExpired { undelivered: 0 }),
+        "{event:?}"
+    );
+    // It goes on with a new session on node a.
+    next_connected(&mut ea).await;
 }

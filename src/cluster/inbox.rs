@@ -17,8 +17,10 @@ use tokio::sync::mpsc;
 
 use super::wire::{Failure, Packet};
 use super::{Shared, node_channel};
+use std::time::Instant;
+
 use crate::Error;
-use crate::server::ClientId;
+use crate::server::{ClientId, SessionClaim};
 
 /// Bytes of pushes queued at most.
 pub(crate) const MAX_QUEUED_BYTES: usize = 32 << 20;
@@ -111,9 +113,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut pushes: Pushes) {
     }
 }
 
+/// How many times a packet may be passed on after a client that moved (a chain of
+/// hand-overs faster than the registry); beyond, the client counts as unknown.
+const MAX_HOPS: u8 = 4;
+
 async fn handle(shared: &Arc<Shared>, packet: Packet) {
     let Some(server) = shared.server() else {
         return;
+    };
+    let (packet, hops) = match packet {
+        Packet::Forward { hops, packet } => (*packet, hops),
+        packet => (packet, 0),
     };
     match packet {
         Packet::Send {
@@ -122,10 +132,22 @@ async fn handle(shared: &Arc<Shared>, packet: Packet) {
             client,
             msg,
         } => {
-            let outcome = server
-                .send_local(ClientId(client), msg)
-                .await
-                .map_err(failure);
+            let outcome = match server.send_local(ClientId(client), msg.clone()).await {
+                Ok(()) => Ok(()),
+                Err(Error::UnknownClient(id)) => {
+                    let packet = Packet::Send {
+                        from,
+                        corr,
+                        client,
+                        msg,
+                    };
+                    match elsewhere(shared, id, hops, packet).await {
+                        Some(failure) => Err(failure),
+                        None => return, // passed on: that node answers
+                    }
+                }
+                Err(e) => Err(failure(e)),
+            };
             let ack = Packet::Ack { corr, outcome };
             let _ = shared
                 .publish(node_channel(&shared.config.prefix, from), &ack)
@@ -144,19 +166,119 @@ async fn handle(shared: &Arc<Shared>, packet: Packet) {
         } => {
             let shared = shared.clone();
             shared.tasks.clone().spawn(async move {
-                let outcome = server
-                    .request_local(ClientId(client), msg)
-                    .await
-                    .map_err(failure);
+                let outcome = match server.request_local(ClientId(client), msg.clone()).await {
+                    Err(Error::UnknownClient(id)) => {
+                        let packet = Packet::Request {
+                            from,
+                            corr,
+                            client,
+                            msg,
+                        };
+                        match elsewhere(&shared, id, hops, packet).await {
+                            Some(failure) => Err(failure),
+                            None => return,
+                        }
+                    }
+                    outcome => outcome.map_err(failure),
+                };
                 let response = Packet::Response { corr, outcome };
                 let _ = shared
                     .publish(node_channel(&shared.config.prefix, from), &response)
                     .await;
             });
         }
-        packet @ (Packet::Ack { corr, .. } | Packet::Response { corr, .. }) => {
+        Packet::Claim {
+            from,
+            corr,
+            client,
+            claim,
+        } => {
+            // Waits for the session's connection to let go: not in the inbox's own task.
+            let shared = shared.clone();
+            shared.tasks.clone().spawn(async move {
+                let id = ClientId(client);
+                let outcome = if server.client(id).is_some() {
+                    hand_over(&shared, &server, id, from, claim).await
+                } else {
+                    let packet = Packet::Claim {
+                        from,
+                        corr,
+                        client,
+                        claim,
+                    };
+                    match elsewhere(&shared, id, hops, packet).await {
+                        Some(failure) => Err(failure),
+                        None => return,
+                    }
+                };
+                let handed = Packet::Handed { corr, outcome };
+                let _ = shared
+                    .publish(node_channel(&shared.config.prefix, from), &handed)
+                    .await;
+            });
+        }
+        packet @ (Packet::Ack { corr, .. }
+        | Packet::Response { corr, .. }
+        | Packet::Handed { corr, .. }) => {
             shared.answered(corr, packet);
         }
+        // Decoding never nests a forward in a forward.
+        Packet::Forward { .. } => {}
+    }
+}
+
+/// Hands the session of local `client` over to node `to`.
+async fn hand_over(
+    shared: &Shared,
+    server: &crate::server::Server,
+    client: ClientId,
+    to: u64,
+    claim: Bytes,
+) -> Result<Bytes, Failure> {
+    // Noted before the hand-over starts: a send that finds the client's queue closed
+    // meanwhile is passed on to `to`, which answers "moving" until it has the session.
+    let before = shared.set_moved(client, Some((to, Instant::now())));
+    let outcome = match SessionClaim::from_bytes(claim) {
+        Ok(claim) => server.hand_over(claim).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(handed) => Ok(handed.to_bytes()),
+        Err(e) => {
+            shared.set_moved(client, before);
+            Err(failure(e))
+        }
+    }
+}
+
+/// A packet for a client this node does not hold: passed on to the node it moved to
+/// (`None`: that node answers the asker), or the failure to answer with.
+async fn elsewhere(shared: &Shared, client: ClientId, hops: u8, packet: Packet) -> Option<Failure> {
+    if shared.is_claiming(client) {
+        return Some(Failure::Moving);
+    }
+    let to = shared
+        .moved_to(client)
+        .or_else(|| shared.registry.moved_to(client))
+        .filter(|&n| n != shared.number);
+    let Some(to) = to else {
+        return Some(Failure::Unknown);
+    };
+    if hops >= MAX_HOPS {
+        tracing::warn!(%client, "a packet for a moved client passed on too often; dropped as unknown");
+        return Some(Failure::Unknown);
+    }
+    let forward = Packet::Forward {
+        hops: hops + 1,
+        packet: Box::new(packet),
+    };
+    match shared
+        .publish(node_channel(&shared.config.prefix, to), &forward)
+        .await
+    {
+        Ok(0) => Some(Failure::Unknown), // that node is gone
+        Ok(_) => None,
+        Err(e) => Some(Failure::Other(e.to_string())),
     }
 }
 

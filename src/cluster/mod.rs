@@ -52,7 +52,7 @@ mod wire;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -61,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::message::Message;
-use crate::server::{BoxFuture, ClientId, ClientInfo, Peers, Server};
+use crate::server::{BoxFuture, ClientId, ClientInfo, HandedSession, Peers, Server, SessionClaim};
 use crate::{Error, Result};
 use wire::{Failure, Packet};
 
@@ -133,6 +133,12 @@ pub(crate) struct Shared {
     publishes: Mutex<Option<tokio::sync::mpsc::Receiver<Publish>>>,
     /// The pushes Redis sends this node, until the inbox task starts.
     pushes: Mutex<Option<inbox::Pushes>>,
+    /// Clients whose sessions this node handed over, and where to (with when): sends that
+    /// reach this node for them are forwarded there until every node's registry says so.
+    moved: Mutex<HashMap<ClientId, (u64, Instant)>>,
+    /// Clients whose sessions this node is taking over right now (since when): a send for
+    /// one is answered "moving, ask again" instead of "unknown".
+    claiming: Mutex<HashMap<ClientId, Instant>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -203,6 +209,8 @@ impl Cluster {
             pushes: Mutex::new(Some(push_rx)),
             publisher,
             publishes: Mutex::new(Some(publishes)),
+            moved: Mutex::default(),
+            claiming: Mutex::default(),
         });
         Ok(Arc::new(Cluster { shared }))
     }
@@ -324,6 +332,82 @@ impl Shared {
         }
     }
 
+    /// Sends `make(corr)` to the node that holds `client` and waits for its answer, asking
+    /// again (with a short, growing pause) while that node answers that the client is
+    /// moving to it, until the timeout.
+    async fn ask_holder(
+        &self,
+        client: ClientId,
+        make: impl Fn(u64, u64) -> Packet,
+    ) -> Result<Packet> {
+        let deadline = Instant::now() + self.config.timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let node = self.route(client);
+            if node == self.number || node == 0 {
+                return Err(Error::UnknownClient(client));
+            }
+            let answer = self.ask(node, client, |corr| make(node, corr)).await?;
+            let moving = matches!(
+                answer,
+                Packet::Ack {
+                    outcome: Err(Failure::Moving),
+                    ..
+                } | Packet::Response {
+                    outcome: Err(Failure::Moving),
+                    ..
+                } | Packet::Handed {
+                    outcome: Err(Failure::Moving),
+                    ..
+                }
+            );
+            if !moving || Instant::now() + pause > deadline {
+                return Ok(answer);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The node to ask for `client`: where this node handed it, else where the registry
+    /// lists it away from home, else the node its id names.
+    pub(crate) fn route(&self, client: ClientId) -> u64 {
+        self.moved_to(client)
+            .or_else(|| self.registry.moved_to(client))
+            .unwrap_or_else(|| node_of(client))
+    }
+
+    /// Where this node handed `client`'s session, if it did lately.
+    pub(crate) fn moved_to(&self, client: ClientId) -> Option<u64> {
+        lock(&self.moved).get(&client).map(|(node, _)| *node)
+    }
+
+    /// Notes that `client` moved to `node` (`None`: it did not after all); returns the
+    /// entry it replaces. Entries older than a few registry lifetimes are dropped here: by
+    /// then every node's registry lists the client where it is.
+    pub(crate) fn set_moved(
+        &self,
+        client: ClientId,
+        node: Option<(u64, Instant)>,
+    ) -> Option<(u64, Instant)> {
+        let mut moved = lock(&self.moved);
+        let keep = self.config.ttl * 3 + self.config.heartbeat * 3;
+        moved.retain(|_, (_, at)| at.elapsed() < keep);
+        match node {
+            Some(entry) => moved.insert(client, entry),
+            None => moved.remove(&client),
+        }
+    }
+
+    /// Whether this node is taking `client`'s session over right now.
+    pub(crate) fn is_claiming(&self, client: ClientId) -> bool {
+        // An entry left by a claim whose registration never came is stale after this.
+        let stale = self.config.timeout * 2;
+        lock(&self.claiming)
+            .get(&client)
+            .is_some_and(|since| since.elapsed() < stale)
+    }
+
     /// Hands an answer to the send or request waiting for it (late answers are dropped).
     pub(crate) fn answered(&self, corr: u64, packet: Packet) {
         if let Some(tx) = lock(&self.pending).remove(&corr) {
@@ -410,6 +494,9 @@ fn failure_error(client: ClientId, failure: Failure) -> Error {
         Failure::NotSupported => Error::NotSupported,
         Failure::Remote { code, text } => Error::Remote { code, text },
         Failure::Other(text) => Error::Cluster(text),
+        Failure::Moving => Error::Cluster(format!(
+            "client {client} is moving between nodes; try again"
+        )),
     }
 }
 
@@ -442,6 +529,9 @@ impl Peers for Cluster {
     }
 
     fn joined(&self, client: &ClientInfo) {
+        // A session taken over (or a client back home): it is here now.
+        lock(&self.shared.claiming).remove(&client.id);
+        self.shared.set_moved(client.id, None);
         self.shared.registry.joined(client, &self.shared.name);
     }
 
@@ -451,18 +541,14 @@ impl Peers for Cluster {
 
     fn send(&self, client: ClientId, msg: Message) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let node = node_of(client);
-            if node == self.shared.number || node == 0 {
-                return Err(Error::UnknownClient(client));
-            }
             let from = self.shared.number;
             let answer = self
                 .shared
-                .ask(node, client, |corr| Packet::Send {
+                .ask_holder(client, |_, corr| Packet::Send {
                     from,
                     corr,
                     client: client.0,
-                    msg,
+                    msg: msg.clone(),
                 })
                 .await?;
             match answer {
@@ -479,18 +565,14 @@ impl Peers for Cluster {
 
     fn request(&self, client: ClientId, msg: Message) -> BoxFuture<'_, Result<Message>> {
         Box::pin(async move {
-            let node = node_of(client);
-            if node == self.shared.number || node == 0 {
-                return Err(Error::UnknownClient(client));
-            }
             let from = self.shared.number;
             let answer = self
                 .shared
-                .ask(node, client, |corr| Packet::Request {
+                .ask_holder(client, |_, corr| Packet::Request {
                     from,
                     corr,
                     client: client.0,
-                    msg,
+                    msg: msg.clone(),
                 })
                 .await?;
             match answer {
@@ -515,6 +597,40 @@ impl Peers for Cluster {
 
     fn remote_clients(&self) -> Vec<ClientInfo> {
         self.shared.registry.remote()
+    }
+
+    fn take_session(&self, claim: SessionClaim) -> BoxFuture<'_, Result<HandedSession>> {
+        Box::pin(async move {
+            let client = claim.client();
+            // Until the server registers the client here (`joined`), sends that reach this
+            // node for it are told to ask again rather than that it is unknown.
+            lock(&self.shared.claiming).insert(client, Instant::now());
+            let from = self.shared.number;
+            let bytes = claim.to_bytes();
+            let answer = self
+                .shared
+                .ask_holder(client, |_, corr| Packet::Claim {
+                    from,
+                    corr,
+                    client: client.0,
+                    claim: bytes.clone(),
+                })
+                .await;
+            let handed = match answer {
+                Ok(Packet::Handed {
+                    outcome: Ok(bytes), ..
+                }) => HandedSession::from_bytes(bytes),
+                Ok(Packet::Handed {
+                    outcome: Err(f), ..
+                }) => Err(failure_error(client, f)),
+                Ok(other) => Err(Error::Cluster(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(e),
+            };
+            if handed.is_err() {
+                lock(&self.shared.claiming).remove(&client);
+            }
+            handed
+        })
     }
 }
 

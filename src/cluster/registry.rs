@@ -33,6 +33,9 @@ pub(crate) struct Registry {
     rewrite: std::sync::atomic::AtomicBool,
     changed: Notify,
     remote: Mutex<Vec<ClientInfo>>,
+    /// The node of each remote client that lives away from the node its id names (its
+    /// session was handed over), as last read: where sends to it go.
+    moved: Mutex<HashMap<ClientId, u64>>,
 }
 
 impl Registry {
@@ -45,6 +48,7 @@ impl Registry {
             rewrite: Default::default(),
             changed: Notify::new(),
             remote: Mutex::default(),
+            moved: Mutex::default(),
         }
     }
 
@@ -63,6 +67,12 @@ impl Registry {
 
     pub(crate) fn remote(&self) -> Vec<ClientInfo> {
         lock(&self.remote).clone()
+    }
+
+    /// The node another node's registry lists `client` under, if that is not the node its
+    /// id names.
+    pub(crate) fn moved_to(&self, client: ClientId) -> Option<u64> {
+        lock(&self.moved).get(&client).copied()
     }
 }
 
@@ -193,15 +203,29 @@ async fn refresh(shared: &Shared) {
         return;
     };
     let mut remote = Vec::new();
+    let mut moved = HashMap::new();
     for key in keys.into_iter().filter(|k| *k != reg.key) {
         let entries: redis::RedisResult<HashMap<String, String>> = redis.hgetall(&key).await;
+        let node: Option<u64> = key.rsplit(':').next().and_then(|n| n.parse().ok());
         match shared.redis_result(entries) {
-            Ok(entries) => remote.extend(entries.values().filter_map(|e| parse(e))),
+            Ok(entries) => {
+                let start = remote.len();
+                remote.extend(entries.values().filter_map(|e| parse(e)));
+                for c in &remote[start..] {
+                    match node {
+                        Some(n) if n != super::node_of(c.id) => moved.insert(c.id, n),
+                        _ => None,
+                    };
+                }
+            }
             Err(_) => return,
         }
     }
     remote.sort_by_key(|c| c.id);
+    // A client that just moved may be listed by both nodes for a heartbeat: list it once.
+    remote.dedup_by_key(|c| c.id);
     *lock(&reg.remote) = remote;
+    *lock(&reg.moved) = moved;
 }
 
 #[cfg(test)]

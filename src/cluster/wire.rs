@@ -11,9 +11,12 @@
 //! | 3 | `Broadcast` | from node u64, except client u64 (0: none), message |
 //! | 4 | `Request` | from node u64, correlation u64, client u64, message |
 //! | 5 | `Response` | correlation u64, outcome (0 then the message, or a failure) |
+//! | 6 | `Claim` | from node u64, correlation u64, client u64, the server's session claim |
+//! | 7 | `Handed` | correlation u64, outcome (0 then the server's handed session, or a failure) |
+//! | 8 | `Forward` | hops u8, then a whole `Send`, `Request` or `Claim` packet |
 //!
 //! A failure is a code byte (1 unknown client, 2 not supported, 3 remote error: u16 code
-//! then text, 4 other: text).
+//! then text, 4 other: text, 5 the client is moving between nodes: try again).
 
 use bytes::{BufMut, Bytes};
 
@@ -52,6 +55,22 @@ pub(crate) enum Packet {
         corr: u64,
         outcome: Result<Message, Failure>,
     },
+    /// Hand over the session of `client` (the server's encoded claim) and answer with
+    /// `Handed`.
+    Claim {
+        from: u64,
+        corr: u64,
+        client: u64,
+        claim: Bytes,
+    },
+    /// The outcome of a `Claim`: the server's encoded session.
+    Handed {
+        corr: u64,
+        outcome: Result<Bytes, Failure>,
+    },
+    /// A `Send`, `Request` or `Claim` passed on by a node its client left, towards the
+    /// node it moved to; `hops` bounds the chain.
+    Forward { hops: u8, packet: Box<Packet> },
 }
 
 /// Why a node could not do what another asked.
@@ -65,6 +84,8 @@ pub(crate) enum Failure {
     Remote { code: u16, text: String },
     /// Anything else, described.
     Other(String),
+    /// The client is moving to the answering node right now: ask again shortly.
+    Moving,
 }
 
 impl Packet {
@@ -108,6 +129,34 @@ impl Packet {
                 out.put_u64_le(except.unwrap_or(0));
                 put_message(&mut out, msg);
             }
+            Packet::Claim {
+                from,
+                corr,
+                client,
+                claim,
+            } => {
+                out.put_u8(6);
+                out.put_u64_le(*from);
+                out.put_u64_le(*corr);
+                out.put_u64_le(*client);
+                out.extend_from_slice(claim);
+            }
+            Packet::Handed { corr, outcome } => {
+                out.put_u8(7);
+                out.put_u64_le(*corr);
+                match outcome {
+                    Ok(session) => {
+                        out.put_u8(0);
+                        out.extend_from_slice(session);
+                    }
+                    Err(f) => put_failure(&mut out, f),
+                }
+            }
+            Packet::Forward { hops, packet } => {
+                out.put_u8(8);
+                out.put_u8(*hops);
+                out.extend_from_slice(&packet.encode());
+            }
             Packet::Response { corr, outcome } => {
                 out.put_u8(5);
                 out.put_u64_le(*corr);
@@ -131,6 +180,8 @@ impl Packet {
             Packet::Response {
                 outcome: Ok(msg), ..
             } => msg.len(),
+            Packet::Claim { claim: b, .. } | Packet::Handed { outcome: Ok(b), .. } => b.len(),
+            Packet::Forward { packet, .. } => 1 + packet.payload_len(),
             _ => 0,
         }
     }
@@ -183,6 +234,34 @@ impl Packet {
                 };
                 Packet::Response { corr, outcome }
             }
+            6 => Packet::Claim {
+                from: r.u64()?,
+                corr: r.u64()?,
+                client: r.u64()?,
+                claim: r.rest(),
+            },
+            7 => {
+                let corr = r.u64()?;
+                let outcome = match r.u8()? {
+                    0 => Ok(r.rest()),
+                    code => Err(r.failure(code)?),
+                };
+                Packet::Handed { corr, outcome }
+            }
+            8 => {
+                let hops = r.u8()?;
+                let packet = Packet::decode(r.rest())?;
+                if !matches!(
+                    packet,
+                    Packet::Send { .. } | Packet::Request { .. } | Packet::Claim { .. }
+                ) {
+                    return Err("a forwarded packet that is not a send, request or claim".into());
+                }
+                Packet::Forward {
+                    hops,
+                    packet: Box::new(packet),
+                }
+            }
             op => return Err(format!("unknown op {op}")),
         };
         Ok(packet)
@@ -211,6 +290,7 @@ fn put_failure(out: &mut Vec<u8>, failure: &Failure) {
             out.put_u8(4);
             out.extend_from_slice(text.as_bytes());
         }
+        Failure::Moving => out.put_u8(5),
     }
 }
 
@@ -275,6 +355,7 @@ impl Reader {
                 }
             }
             4 => Failure::Other(self.text()),
+            5 => Failure::Moving,
             c => return Err(format!("unknown failure code {c}")),
         })
     }
@@ -332,12 +413,44 @@ mod tests {
                 text: "nope".into(),
             },
             Failure::Other("timed out".into()),
+            Failure::Moving,
         ] {
             round_trip(Packet::Response {
                 corr: 1,
                 outcome: Err(failure),
             });
         }
+    }
+
+    #[test]
+    fn hand_over_packets_round_trip() {
+        let claim = Packet::Claim {
+            from: 2,
+            corr: 4,
+            client: (1 << 40) + 3,
+            claim: Bytes::from_static(b"claim bytes"),
+        };
+        round_trip(claim.clone());
+        round_trip(Packet::Handed {
+            corr: 4,
+            outcome: Ok(Bytes::from_static(b"session")),
+        });
+        round_trip(Packet::Handed {
+            corr: 4,
+            outcome: Err(Failure::Moving),
+        });
+        round_trip(Packet::Forward {
+            hops: 2,
+            packet: Box::new(claim),
+        });
+        // Only sends, requests and claims are ever forwarded.
+        let ack = Packet::Ack {
+            corr: 1,
+            outcome: Ok(()),
+        };
+        let mut bytes = vec![8, 0];
+        bytes.extend_from_slice(&ack.encode());
+        assert!(Packet::decode(Bytes::from(bytes)).is_err());
     }
 
     #[test]

@@ -118,13 +118,13 @@ impl Replies {
     /// Queues `reply` whatever the bounds: a reply that was waiting for room when its
     /// connection ended, kept for the next connection of the session (one over the bound
     /// at most).
-    pub(super) fn keep(&self, reply: Message) {
+    pub(crate) fn keep(&self, reply: Message) {
         self.bytes.fetch_add(reply.len(), Ordering::Relaxed);
         self.lock().push_back(reply);
     }
 
     /// Takes the next reply.
-    pub(super) fn pop(&self) -> Option<Message> {
+    pub(crate) fn pop(&self) -> Option<Message> {
         let reply = self.lock().pop_front()?;
         self.bytes.fetch_sub(reply.len(), Ordering::Relaxed);
         // No permit is stored for a reader that is not waiting (it registers before it

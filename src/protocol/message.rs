@@ -15,6 +15,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
 
+pub use super::token::SessionToken;
+
 /// The first eight bytes of a hello: `89 53 46 52 4d 0d 0a 1a` (`\x89SFRM\r\n\x1a`).
 ///
 /// Like PNG's signature, the first byte is not ASCII and cannot start a UTF-8 string, so no
@@ -194,55 +196,6 @@ pub struct Hello {
     /// Whether the client wants a lossless session, a new one or one to resume. Encoded
     /// after the token; a hello that ends at the token asks for none.
     pub session: SessionRequest,
-}
-
-/// A session token: the session's id (the client id it was created under) and a random
-/// 128-bit secret. Only the id is ever shown: `Debug` and `Display` leave the secret out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct SessionToken {
-    /// The session's id; the server looks the session up by it.
-    pub id: u64,
-    secret: [u8; 16],
-}
-
-impl SessionToken {
-    /// Bytes on the wire: `id u64 LE` then the 16-byte secret.
-    pub const LEN: usize = 24;
-
-    /// A token from its parts (the server draws `secret` from the OS's random source).
-    pub fn new(id: u64, secret: [u8; 16]) -> Self {
-        SessionToken { id, secret }
-    }
-
-    /// Whether `other` is this token, comparing the secrets in constant time.
-    pub fn matches(&self, other: &SessionToken) -> bool {
-        use subtle::ConstantTimeEq;
-        self.id == other.id && bool::from(self.secret.ct_eq(&other.secret))
-    }
-
-    fn put(&self, b: &mut BytesMut) {
-        b.put_u64_le(self.id);
-        b.put_slice(&self.secret);
-    }
-
-    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
-        let id = r.u64("session id")?;
-        let secret = r.take(16, "session secret")?.try_into().unwrap();
-        Ok(SessionToken { id, secret })
-    }
-}
-
-impl fmt::Debug for SessionToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionToken({self})")
-    }
-}
-
-impl fmt::Display for SessionToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never the secret: tokens end up in logs.
-        write!(f, "session {} (secret hidden)", self.id)
-    }
 }
 
 /// What a hello asks for about sessions.

@@ -16,6 +16,7 @@
 
 pub mod frame;
 pub mod message;
+mod token;
 pub mod transfer;
 
 pub use frame::{

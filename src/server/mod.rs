@@ -29,6 +29,8 @@
 //!   `Disconnected` event or a parked session (`park`).
 //! - `events`: [`ServerEvent`] and the batched [`ServerEvents`] stream.
 //! - `config`, `registry`, `stats`: the settings, the id → client table, and the totals.
+//! - `peers`, `handover`: the other nodes of a cluster as the server sees them ([`Peers`]),
+//!   and a lossless session moving between nodes ([`Server::hand_over`]).
 //!
 //! No module here is imported by the connection or the layers below it; the admin endpoint
 //! (`crate::admin`) uses only the public handle.
@@ -37,6 +39,7 @@ mod accept;
 mod admit;
 mod config;
 mod events;
+mod handover;
 mod park;
 mod peers;
 mod registry;
@@ -54,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
+pub use handover::{HandedSession, SessionClaim};
 pub use peers::{BoxFuture, Peers};
 pub use registry::{ClientId, ClientInfo, SessionState};
 pub use stats::{LATENCY_BUCKETS, Refusal, ServerStats};
@@ -208,12 +212,18 @@ impl Server {
                 None => return Err(Error::UnknownClient(client)),
             },
         };
-        deliver(
-            &handle,
-            Outgoing::Message(msg),
-            self.inner.config.send_policy,
-        )
-        .await
+        let policy = self.inner.config.send_policy;
+        match (&self.inner.config.cluster, handle.session.is_some()) {
+            // The client's session may be leaving for another node right now: its queue
+            // then closes, and the cluster knows where it went.
+            (Some(peers), true) => {
+                match deliver(&handle, Outgoing::Message(msg.clone()), policy).await {
+                    Err(Error::UnknownClient(_)) => peers.send(client, msg).await,
+                    other => other,
+                }
+            }
+            _ => deliver(&handle, Outgoing::Message(msg), policy).await,
+        }
     }
 
     /// Waits until every message queued for `client` before this call is confirmed:

@@ -2,11 +2,18 @@
 //! [`ServerConfig::max_suspended`](super::ServerConfig::max_suspended), the per-client
 //! transfer engines, and the resumption of a parked session by a returning client.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::registry::Parked;
+use bytes::Bytes;
+
+use super::handover::SessionClaim;
+use super::registry::{ClientHandle, Parked, Peer, SessionKey};
 use super::{ClientId, Inner};
+use crate::connection::Mode;
+use crate::outbox::{Weigh, outbox};
 use crate::protocol::message::SessionToken;
+use crate::session::{Retained, Session};
 
 /// One session waiting for its client, counted against
 /// [`ServerConfig::max_suspended`](super::ServerConfig::max_suspended) until dropped.
@@ -63,17 +70,36 @@ pub(super) async fn resume(
     received: u64,
     principal: &[u8],
 ) -> std::result::Result<Parked, &'static str> {
-    const UNKNOWN: &str = "session expired or unknown";
     let handle = inner.registry.get(ClientId(token.id)).ok_or(UNKNOWN)?;
     let key = handle.session.as_ref().ok_or(UNKNOWN)?;
     if !key.admits(token, principal) {
         tracing::warn!(%token, "resume with a wrong token or by another principal");
         return Err(UNKNOWN);
     }
+    let mut parked = take_parked(inner, &handle).await?;
+    handle.on_resume.notify_one();
+    if let Err(e) = parked.session.retained.resume(received) {
+        tracing::warn!(%token, error = %e, "resume with an impossible count");
+        handle.park(parked);
+        return Err(UNKNOWN);
+    }
+    inner.counters.resumed();
+    Ok(parked)
+}
+
+/// What a client is told when its session cannot be resumed, whatever the reason.
+pub(super) const UNKNOWN: &str = "session expired or unknown";
+
+/// Takes a client's session once it is parked, ending the connection that still carries
+/// it if need be; waits at most the handshake timeout for that connection to let go.
+pub(super) async fn take_parked(
+    inner: &Inner,
+    handle: &ClientHandle,
+) -> std::result::Result<Parked, &'static str> {
     let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
-    let mut parked = loop {
+    loop {
         if let Some(parked) = handle.take_parked() {
-            break parked;
+            return Ok(parked);
         }
         if handle.close.is_cancelled() {
             return Err(UNKNOWN);
@@ -85,13 +111,95 @@ pub(super) async fn resume(
         {
             return Err("the session's old connection did not let go in time");
         }
+    }
+}
+
+/// A resume of a session this node does not hold: asks the cluster's node that holds it to
+/// hand it over (see [`super::handover`]), then registers the client here under its id,
+/// as if its session had been parked here.
+pub(super) async fn claim(
+    inner: &Arc<Inner>,
+    token: &SessionToken,
+    received: u64,
+    principal: &Bytes,
+    addr: SocketAddr,
+) -> std::result::Result<Parked, &'static str> {
+    let peers = inner.config.cluster.as_ref().ok_or(UNKNOWN)?;
+    let client = ClientId(token.id);
+    let claim = SessionClaim {
+        token: *token,
+        principal: principal.clone(),
     };
-    handle.on_resume.notify_one();
+    let handed = match peers.take_session(claim).await {
+        Ok(handed) if handed.token.matches(token) => handed,
+        Ok(_) => return Err("another node handed over the wrong session"),
+        Err(e) => {
+            tracing::info!(%client, error = %e, "no node handed the session over");
+            return Err(UNKNOWN);
+        }
+    };
+    let config = &inner.config;
+    // The queue takes what the old node had queued even if its bounds were larger.
+    let limits = crate::OutboxLimits {
+        messages: config.outbox.messages.max(handed.queued.len()),
+        bytes: (config.outbox.bytes).max(handed.queued.iter().map(Weigh::weight).sum()),
+    };
+    let (outbox_tx, outbox) = outbox(limits);
+    for item in handed.queued {
+        outbox_tx
+            .try_send(item)
+            .map_err(|_| "the handed queue did not fit")?;
+    }
+    let retained = Retained::restore(
+        config.session_window,
+        handed.sent,
+        handed.acked,
+        handed.retained,
+    );
+    let retained = match retained {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%client, error = %e, "a handed session does not add up");
+            return Err(UNKNOWN);
+        }
+    };
+    let replies = crate::connection::Replies::new(config.outbox);
+    for reply in handed.replies {
+        replies.keep(reply);
+    }
+    let session = Session {
+        token: *token,
+        retained,
+        received: handed.received,
+    };
+    let key = SessionKey {
+        token: *token,
+        principal: principal.clone(),
+    };
+    let registration = inner.registry.register_as(
+        Some(client),
+        Peer {
+            addr,
+            mode: Mode::Sockframe,
+            name: handed.name,
+        },
+        outbox_tx,
+        inner.shutdown.child_token(),
+        |_| Some(key),
+    );
+    let handler = inner.make_handler.as_ref().map(|make| make(client, addr));
+    let mut parked = Parked {
+        session,
+        outbox,
+        registration,
+        handler,
+        replies,
+    };
     if let Err(e) = parked.session.retained.resume(received) {
-        tracing::warn!(%token, error = %e, "resume with an impossible count");
-        handle.park(parked);
+        tracing::warn!(%client, error = %e, "resume with an impossible count");
         return Err(UNKNOWN);
     }
     inner.counters.resumed();
+    tracing::info!(%client, "session taken over from another node");
     Ok(parked)
 }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::{ClientId, ClientInfo, Server};
+use super::{ClientId, ClientInfo, HandedSession, Server, SessionClaim};
 use crate::Result;
 use crate::message::Message;
 
@@ -44,4 +44,12 @@ pub trait Peers: Send + Sync + std::fmt::Debug + 'static {
     fn broadcast(&self, msg: Message, except: Option<ClientId>) -> BoxFuture<'_, Result<()>>;
     /// The clients of the other nodes, as last heard (no I/O).
     fn remote_clients(&self) -> Vec<ClientInfo>;
+    /// A client came back to this node with a session this node does not hold: fetch it
+    /// from the node that does, which answers through its [`Server::hand_over`]. Fails
+    /// (typically [`Error::UnknownClient`](crate::Error::UnknownClient)) if no node hands
+    /// it over; the client is then told its session expired. The default hands nothing
+    /// over.
+    fn take_session(&self, claim: SessionClaim) -> BoxFuture<'_, Result<HandedSession>> {
+        Box::pin(async move { Err(crate::Error::UnknownClient(claim.client())) })
+    }
 }

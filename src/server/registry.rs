@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -103,6 +103,8 @@ pub(crate) struct ClientHandle {
     pub(crate) on_park: Notify,
     /// Signalled when a resumer took the parked session (its expiry watch stops).
     pub(crate) on_resume: Notify,
+    /// The session was handed over to another node of a cluster.
+    handed_over: AtomicBool,
 }
 
 /// Who may resume a session.
@@ -204,6 +206,16 @@ impl ClientHandle {
         lock(&self.parked).take().map(|parked| *parked)
     }
 
+    /// Notes that the session went to another node (before `on_resume` wakes its watch).
+    pub(crate) fn mark_handed_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
+    /// Whether the session went to another node.
+    pub(crate) fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
     pub(crate) fn is_parked(&self) -> bool {
         lock(&self.parked).is_some()
     }
@@ -274,7 +286,20 @@ impl Registry {
         close: CancellationToken,
         session: impl FnOnce(ClientId) -> Option<SessionKey>,
     ) -> Registration {
-        let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        self.register_as(None, peer, outbox, close, session)
+    }
+
+    /// Registers a client under `id` (a session handed over from another node keeps its
+    /// id), or under a new id.
+    pub(crate) fn register_as(
+        self: &Arc<Self>,
+        id: Option<ClientId>,
+        peer: Peer,
+        outbox: OutboxSender,
+        close: CancellationToken,
+        session: impl FnOnce(ClientId) -> Option<SessionKey>,
+    ) -> Registration {
+        let id = id.unwrap_or_else(|| ClientId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1));
         let link = close.child_token();
         let handle = Arc::new(ClientHandle {
             id,
@@ -292,6 +317,7 @@ impl Registry {
             parked: Mutex::new(None),
             on_park: Notify::new(),
             on_resume: Notify::new(),
+            handed_over: AtomicBool::new(false),
         });
         lock(&self.clients).insert(id, handle.clone());
         if let Some(peers) = &self.peers {

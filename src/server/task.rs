@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use super::accept::Slot;
 use super::admit::{admit, reject, send_welcome, welcome};
 use super::events::emit;
-use super::park::{Suspension, end_transfers, lock_transfers, resume};
+use super::park::{Suspension, claim, end_transfers, lock_transfers, resume};
 use super::registry::{Parked, Peer, SessionKey};
-use super::{Inner, ServerEvent, registry};
+use super::{ClientId, Inner, ServerEvent, registry};
 use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
 use crate::outbox::outbox;
 use crate::protocol::message::{RejectCode, SessionGrant, SessionRequest};
@@ -61,7 +61,15 @@ pub(super) async fn serve_stream<S>(
     };
 
     if let SessionRequest::Resume { token, received } = admitted.session {
-        let parked = match resume(&inner, &token, received, &principal).await {
+        // A session another node of the cluster holds is handed over to this one.
+        let here = inner.registry.get(ClientId(token.id)).is_some();
+        let claimed = !here && inner.config.cluster.is_some();
+        let parked = if claimed {
+            claim(&inner, &token, received, &principal, addr).await
+        } else {
+            resume(&inner, &token, received, &principal).await
+        };
+        let parked = match parked {
             Ok(parked) => parked,
             Err(why) => {
                 tracing::info!(%addr, %token, why, "session not resumed");
@@ -78,8 +86,18 @@ pub(super) async fn serve_stream<S>(
                 received: parked.session.received,
             },
         );
+        if claimed {
+            start_transfers(&inner, &handle, &events);
+        }
         if let Err(e) = send_welcome(config, &mut writer, welcome).await {
             tracing::debug!(%addr, error = %e, "could not send the welcome");
+            if claimed {
+                // Nothing here watches over a parked session this connection brought: it
+                // ends now, and the client is told so when it comes back.
+                tracing::warn!(client = %handle.id, "a session taken over from another node ended: its welcome could not be sent");
+                end_transfers(&inner, handle.id);
+                return;
+            }
             handle.park(parked);
             return;
         }
@@ -161,34 +179,7 @@ pub(super) async fn serve_stream<S>(
         }
     }
     if mode == Mode::Sockframe {
-        // Weak: transfer tasks that outlive the connection must not keep the event stream
-        // open after shutdown; their late events are dropped.
-        let events = events.downgrade();
-        // Weak: the engine lives in `inner`, which would otherwise never be freed.
-        let counted = Arc::downgrade(&inner);
-        let emit: crate::transfer::Emit = Arc::new(move |event| {
-            if let (crate::transfer::TransferEvent::Received(file), Some(inner)) =
-                (&event, counted.upgrade())
-            {
-                inner.counters.file_received(file.size);
-            }
-            let events = events.upgrade();
-            Box::pin(async move {
-                if let Some(events) = events {
-                    let _ = events
-                        .send(vec![ServerEvent::transfer(client, event)])
-                        .await;
-                }
-            })
-        });
-        let transfers = crate::transfer::Transfers::new(
-            config.transfer.clone(),
-            handle.outbox.clone(),
-            emit,
-            inner.transfer_locks.clone(),
-            config.max_frame,
-        );
-        lock_transfers(&inner).insert(client, transfers);
+        start_transfers(&inner, &handle, &events);
     }
     tracing::debug!(%client, %addr, ?mode, "connected");
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
@@ -223,6 +214,45 @@ pub(super) async fn serve_stream<S>(
         replies: crate::connection::Replies::new(config.outbox),
     };
     run_client(inner, link, kept, events, permit).await;
+}
+
+/// Starts a sockframe client's file transfer engine, which lives as long as the client
+/// does (across a session's connections).
+fn start_transfers(
+    inner: &Arc<Inner>,
+    handle: &registry::ClientHandle,
+    events: &mpsc::Sender<Vec<ServerEvent>>,
+) {
+    let config = &inner.config;
+    let client = handle.id;
+    // Weak: transfer tasks that outlive the connection must not keep the event stream
+    // open after shutdown; their late events are dropped.
+    let events = events.downgrade();
+    // Weak: the engine lives in `inner`, which would otherwise never be freed.
+    let counted = Arc::downgrade(inner);
+    let emit: crate::transfer::Emit = Arc::new(move |event| {
+        if let (crate::transfer::TransferEvent::Received(file), Some(inner)) =
+            (&event, counted.upgrade())
+        {
+            inner.counters.file_received(file.size);
+        }
+        let events = events.upgrade();
+        Box::pin(async move {
+            if let Some(events) = events {
+                let _ = events
+                    .send(vec![ServerEvent::transfer(client, event)])
+                    .await;
+            }
+        })
+    });
+    let transfers = crate::transfer::Transfers::new(
+        config.transfer.clone(),
+        handle.outbox.clone(),
+        emit,
+        inner.transfer_locks.clone(),
+        config.max_frame,
+    );
+    lock_transfers(inner).insert(client, transfers);
 }
 
 /// What a registered client keeps from one connection to the next (of a session).
@@ -338,6 +368,13 @@ pub(super) async fn run_client<R, W>(
         loop {
             tokio::select! {
                 _ = handle.on_resume.notified() => {
+                    if handle.handed_over() {
+                        // Another node of the cluster carries the session now.
+                        let reason = DisconnectReason::HandedOver;
+                        inner.counters.departed(&reason, handle.traffic_totals());
+                        emit(&inner, &events, ServerEvent::Disconnected { client, reason }).await;
+                        return;
+                    }
                     if !handle.is_parked() {
                         // A new connection carries the session now.
                         return;

@@ -92,7 +92,10 @@ impl FaultConfig {
 
 /// State shared by the proxy handle and its tasks.
 struct Shared {
-    upstream: SocketAddr,
+    /// The upstream addresses, taken in turn by each new connection (a load balancer
+    /// over several servers), and how many connections were paired so far.
+    upstreams: Vec<SocketAddr>,
+    next_upstream: AtomicUsize,
     cut_every: (Duration, Duration),
     max_chunk: usize,
     cut_style: CutStyle,
@@ -122,6 +125,13 @@ impl FaultProxy {
     /// Starts listening on `127.0.0.1:0`; each accepted connection is paired with a new
     /// connection to `upstream`. Panics if it cannot bind (this is test support).
     pub async fn start(upstream: SocketAddr, config: FaultConfig) -> FaultProxy {
+        Self::start_balancing(vec![upstream], config).await
+    }
+
+    /// Like [`start`](Self::start), pairing each new connection with the next of
+    /// `upstreams` in turn, as a round-robin load balancer in front of several servers.
+    pub async fn start_balancing(upstreams: Vec<SocketAddr>, config: FaultConfig) -> FaultProxy {
+        assert!(!upstreams.is_empty());
         let seed = config.seed.unwrap_or_else(|| {
             let seed = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -135,7 +145,8 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("fault proxy address");
         let (lo, hi) = config.cut_every;
         let shared = Arc::new(Shared {
-            upstream,
+            upstreams,
+            next_upstream: AtomicUsize::new(0),
             cut_every: (lo.min(hi), lo.max(hi)),
             max_chunk: config.max_chunk.clamp(1, MAX_CHUNK),
             cut_style: config.cut_style,
@@ -276,7 +287,7 @@ async fn run_pair(sh: Arc<Shared>, mut down: TcpStream, cut_now: CancellationTok
     let _guard = ActiveGuard(Arc::clone(&sh));
     let mut up = tokio::select! {
         _ = sh.stop.cancelled() => return,
-        up = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sh.upstream)) => match up {
+        up = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sh.upstreams[sh.next_upstream.fetch_add(1, Ordering::Relaxed) % sh.upstreams.len()])) => match up {
             Ok(Ok(up)) => up,
             _ => return,
         },
