@@ -23,7 +23,12 @@
 //! - `registry`: this node's clients in a Redis hash with a TTL, kept by a heartbeat, and
 //!   the other nodes' clients as last read.
 //! - `inbox`: the task that takes what Redis pushes to this node and delivers it to the
-//!   local clients through the server's handle.
+//!   local clients through the server's handle; it also hands sessions over
+//!   ([`Server::hand_over`]) and passes packets for a client that moved on to its node.
+//!
+//! A lossless session follows its client to another node: the node it comes back to asks
+//! the one that holds it (`Claim`), which answers with the whole session (`Handed`); see
+//! `docs/cluster.md` and `server::handover`.
 //!
 //! Redis: one connection per node (redis-rs's `ConnectionManager`, which reconnects with
 //! backoff and, over RESP3, subscribes again after a reconnect), used for commands and for
