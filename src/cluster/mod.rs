@@ -343,7 +343,7 @@ impl Shared {
     async fn ask_holder(
         &self,
         client: ClientId,
-        make: impl Fn(u64, u64) -> Packet,
+        make: impl Fn(u64) -> Packet,
     ) -> Result<Packet> {
         let deadline = Instant::now() + self.config.timeout;
         let mut pause = Duration::from_millis(2);
@@ -352,7 +352,7 @@ impl Shared {
             if node == self.number || node == 0 {
                 return Err(Error::UnknownClient(client));
             }
-            let answer = self.ask(node, client, |corr| make(node, corr)).await?;
+            let answer = self.ask(node, client, &make).await?;
             let moving = matches!(
                 answer,
                 Packet::Ack {
@@ -549,7 +549,7 @@ impl Peers for Cluster {
             let from = self.shared.number;
             let answer = self
                 .shared
-                .ask_holder(client, |_, corr| Packet::Send {
+                .ask_holder(client, |corr| Packet::Send {
                     from,
                     corr,
                     client: client.0,
@@ -573,7 +573,7 @@ impl Peers for Cluster {
             let from = self.shared.number;
             let answer = self
                 .shared
-                .ask_holder(client, |_, corr| Packet::Request {
+                .ask_holder(client, |corr| Packet::Request {
                     from,
                     corr,
                     client: client.0,
@@ -614,7 +614,7 @@ impl Peers for Cluster {
             let bytes = claim.to_bytes();
             let answer = self
                 .shared
-                .ask_holder(client, |_, corr| Packet::Claim {
+                .ask_holder(client, |corr| Packet::Claim {
                     from,
                     corr,
                     client: client.0,
