@@ -531,6 +531,12 @@ async fn deliver(handle: &ClientHandle, msg: Outgoing, policy: FullPolicy) -> Re
 }
 
 fn slow_consumer(handle: &ClientHandle) {
+    if handle.is_detecting() {
+        // Not slow: nothing is written to it before its protocol is known. What does not fit
+        // meanwhile is not queued for it (a broadcast skips it, a send fails), but it stays.
+        tracing::debug!(client = %handle.id, "outgoing queue full while detecting its protocol");
+        return;
+    }
     tracing::warn!(client = %handle.id, "outgoing queue full; disconnecting slow client");
     handle.close_with(DisconnectReason::SlowConsumer, false);
 }
