@@ -404,6 +404,8 @@ impl Server {
 
     /// Every connected client, ordered by id; in a cluster, those of every node (the other
     /// nodes' as last heard through the cluster, with their node in [`ClientInfo::node`]).
+    /// In `Auto` mode this includes connections whose protocol is still being detected (as
+    /// tutorial clients, not yet reported [`Connected`](ServerEvent::Connected)).
     pub fn clients(&self) -> Vec<ClientInfo> {
         let mut all = self.local_clients();
         if let Some(peers) = &self.inner.config.cluster {
