@@ -316,3 +316,70 @@ fn print_config_hides_the_secrets() {
         assert!(!out.contains(secret), "{secret} printed: {out}");
     }
 }
+
+/// The soft and hard open file limits of process `pid`, from `/proc/PID/limits`.
+#[cfg(target_os = "linux")]
+fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut numbers = line["Max open files".len()..].split_whitespace();
+    (
+        numbers.next().unwrap().to_string(),
+        numbers.next().unwrap().to_string(),
+    )
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_file_limit_below_max_conns_is_raised_to_the_hard_limit() {
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    if hard < 2048 {
+        eprintln!("skipped: the hard file limit here is {hard}, too low to raise to");
+        return;
+    }
+    let mut server = Proc::start_with_nofile(
+        (256, 2048),
+        &["serve", "--bind", "127.0.0.1:0", "--max-conns", "1000"],
+    );
+    let line = server.stderr.wait_for("the limit raised", |l| {
+        l.contains("raised the open file limit")
+    });
+    assert!(
+        line.contains("from=256") && line.contains("to=2048") && line.contains("max_conns=1000"),
+        "{line}"
+    );
+    server.stderr.wait_prefix("listening on ");
+    assert_eq!(
+        nofile_of(server.child.id()),
+        ("2048".into(), "2048".into()),
+        "the soft limit is the hard one"
+    );
+    assert!(
+        !server.stderr.seen.iter().any(|l| l.contains("WARN")),
+        "no warning when raising is enough: {:#?}",
+        server.stderr.seen
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_limit_that_stays_below_max_conns_is_warned_of_with_both_numbers() {
+    let mut server = Proc::start_with_nofile(
+        (300, 300),
+        &["serve", "--bind", "127.0.0.1:0", "--max-conns", "1000"],
+    );
+    let warning = server
+        .stderr
+        .wait_for("the warning", |l| l.contains("WARN"));
+    assert!(
+        warning.contains("open file limit (300)") && warning.contains("--max-conns (1000)"),
+        "{warning}"
+    );
+    // A warning, not a refusal: the server runs.
+    let line = server.stderr.wait_prefix("listening on ");
+    let addr: SocketAddr = line["listening on ".len()..].parse().unwrap();
+    TcpStream::connect(addr).expect("it serves");
+}

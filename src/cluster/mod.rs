@@ -340,11 +340,7 @@ impl Shared {
     /// Sends `make(corr)` to the node that holds `client` and waits for its answer, asking
     /// again (with a short, growing pause) while that node answers that the client is
     /// moving to it, until the timeout.
-    async fn ask_holder(
-        &self,
-        client: ClientId,
-        make: impl Fn(u64) -> Packet,
-    ) -> Result<Packet> {
+    async fn ask_holder(&self, client: ClientId, make: impl Fn(u64) -> Packet) -> Result<Packet> {
         let deadline = Instant::now() + self.config.timeout;
         let mut pause = Duration::from_millis(2);
         loop {

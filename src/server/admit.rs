@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use super::{ClientId, Inner, ProtocolMode, ServerConfig, stats};
 use crate::connection::{FrameReader, FrameWriter, Mode};
@@ -74,7 +75,8 @@ impl Admitted {
     }
 }
 
-/// Decides the connection's protocol and, for sockframe clients, checks the hello.
+/// Decides the connection's protocol and, for sockframe clients, checks the hello; gives up
+/// when `stop` fires (shutdown, or the close of a client registered while being detected).
 ///
 /// Returns what was admitted, or why the connection is refused (a sockframe client is told,
 /// in a `REJECT` frame, before the connection closes; refused connections are never
@@ -83,6 +85,7 @@ pub(super) async fn admit<R, W>(
     inner: &Inner,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
+    stop: &CancellationToken,
 ) -> std::result::Result<Admitted, String>
 where
     R: AsyncRead + Unpin,
@@ -100,7 +103,7 @@ where
         ProtocolMode::Auto => config.detect_timeout,
     };
     let first = tokio::select! {
-        _ = inner.shutdown.cancelled() => return Err("shutting down".into()),
+        _ = stop.cancelled() => return Err("closed before its protocol was known".into()),
         first = tokio::time::timeout(wait, reader.read_frame()) => first,
     };
     let first = match first {

@@ -66,8 +66,10 @@ pub struct ServerConfig {
     /// Time for a sockframe client to complete the handshake. Default 5 s.
     pub handshake_timeout: Duration,
     /// In `Auto` mode, how long to wait for a first frame before treating a silent peer as
-    /// a tutorial client. Default 1 s. Until then the client is not reported connected and
-    /// nothing is written to it (a sockframe client must get the welcome first).
+    /// a tutorial client. Default 1 s. Until then nothing is written to it (a sockframe
+    /// client must get the welcome first) and it is not reported connected, but it is
+    /// registered from its accept: sends and broadcasts to it are queued, and written once
+    /// its protocol is known (docs/protocol.md, *Telling the two apart on one port*).
     pub detect_timeout: Duration,
     /// Pings for sockframe clients. Default every 5 s; dead after 3 to 4 silent
     /// intervals (checked once per interval).

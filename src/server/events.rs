@@ -15,7 +15,10 @@ use crate::request::Request;
 #[derive(Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ServerEvent {
-    /// A client connected.
+    /// A client connected: its protocol is known (in `Auto` mode, once its first frame
+    /// arrived or [`detect_timeout`](super::ServerConfig::detect_timeout) passed). Its id
+    /// may be older: in `Auto` mode a connection is registered from its accept, and what
+    /// was sent to it since is written now.
     Connected {
         /// Its id.
         client: ClientId,

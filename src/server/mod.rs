@@ -414,6 +414,8 @@ impl Server {
 
     /// Every connected client, ordered by id; in a cluster, those of every node (the other
     /// nodes' as last heard through the cluster, with their node in [`ClientInfo::node`]).
+    /// In `Auto` mode this includes connections whose protocol is still being detected (as
+    /// tutorial clients, not yet reported [`Connected`](ServerEvent::Connected)).
     pub fn clients(&self) -> Vec<ClientInfo> {
         let mut all = self.local_clients();
         if let Some(peers) = &self.inner.config.cluster {
@@ -541,6 +543,12 @@ async fn deliver(handle: &ClientHandle, msg: Outgoing, policy: FullPolicy) -> Re
 }
 
 fn slow_consumer(handle: &ClientHandle) {
+    if handle.is_detecting() {
+        // Not slow: nothing is written to it before its protocol is known. What does not fit
+        // meanwhile is not queued for it (a broadcast skips it, a send fails), but it stays.
+        tracing::debug!(client = %handle.id, "outgoing queue full while detecting its protocol");
+        return;
+    }
     tracing::warn!(client = %handle.id, "outgoing queue full; disconnecting slow client");
     handle.close_with(DisconnectReason::SlowConsumer, false);
 }

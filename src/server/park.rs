@@ -182,6 +182,7 @@ pub(super) async fn claim(
             addr,
             mode: Mode::Sockframe,
             name: handed.name,
+            detecting: false,
         },
         outbox_tx,
         inner.shutdown.child_token(),

@@ -105,6 +105,10 @@ pub(crate) struct ClientHandle {
     pub(crate) on_resume: Notify,
     /// The session was handed over to another node of a cluster.
     handed_over: AtomicBool,
+    /// Registered at accept, before its protocol is known (`auto` mode): what is sent to it
+    /// waits in its outbox, and it has not been announced (`Connected`) yet. Shown as a
+    /// tutorial client meanwhile, the protocol it defaults to.
+    detecting: AtomicBool,
 }
 
 /// Who may resume a session.
@@ -153,6 +157,36 @@ impl std::fmt::Debug for Parked {
 }
 
 impl ClientHandle {
+    fn new(
+        id: ClientId,
+        peer: Peer,
+        outbox: OutboxSender,
+        close: CancellationToken,
+        connected_at: SystemTime,
+        session: Option<SessionKey>,
+    ) -> ClientHandle {
+        let link = close.child_token();
+        ClientHandle {
+            id,
+            addr: Mutex::new(peer.addr),
+            connected_at,
+            mode: peer.mode,
+            name: peer.name,
+            traffic: Traffic::default(),
+            pending: Pending::default(),
+            outbox,
+            close,
+            order: Mutex::new(None),
+            link: Mutex::new(link),
+            session,
+            parked: Mutex::new(None),
+            on_park: Notify::new(),
+            on_resume: Notify::new(),
+            handed_over: AtomicBool::new(false),
+            detecting: AtomicBool::new(peer.detecting),
+        }
+    }
+
     /// Closes the connection with `reason`; the first order wins.
     pub(crate) fn close_with(&self, reason: DisconnectReason, graceful: bool) {
         let mut order = lock(&self.order);
@@ -220,6 +254,16 @@ impl ClientHandle {
         lock(&self.parked).is_some()
     }
 
+    /// Whether the client's protocol is still being detected (see [`Peer::detecting`]).
+    pub(crate) fn is_detecting(&self) -> bool {
+        self.detecting.load(Ordering::Acquire)
+    }
+
+    /// The client being detected turned out to speak the tutorial framing, as registered.
+    pub(crate) fn settle(&self) {
+        self.detecting.store(false, Ordering::Release);
+    }
+
     /// Messages in, bytes in, messages out, bytes out, so far.
     pub(crate) fn traffic_totals(&self) -> [u64; 4] {
         let t = &self.traffic;
@@ -256,6 +300,11 @@ pub(crate) struct Peer {
     pub(crate) addr: SocketAddr,
     pub(crate) mode: Mode,
     pub(crate) name: String,
+    /// Registered before its protocol is known: at accept in `auto` mode, as a tutorial
+    /// client, so that sends and broadcasts reach it from the start. Detection then either
+    /// [settles](ClientHandle::settle) it (tutorial) or [promotes](Registry::promote) it
+    /// (a sockframe hello).
+    pub(crate) detecting: bool,
 }
 
 /// Connected clients by id.
@@ -300,27 +349,42 @@ impl Registry {
         session: impl FnOnce(ClientId) -> Option<SessionKey>,
     ) -> Registration {
         let id = id.unwrap_or_else(|| ClientId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1));
-        let link = close.child_token();
-        let handle = Arc::new(ClientHandle {
-            id,
-            addr: Mutex::new(peer.addr),
-            connected_at: SystemTime::now(),
-            mode: peer.mode,
-            name: peer.name,
-            traffic: Traffic::default(),
-            pending: Pending::default(),
-            outbox,
-            close,
-            order: Mutex::new(None),
-            link: Mutex::new(link),
-            session: session(id),
-            parked: Mutex::new(None),
-            on_park: Notify::new(),
-            on_resume: Notify::new(),
-            handed_over: AtomicBool::new(false),
-        });
-        lock(&self.clients).insert(id, handle.clone());
+        let handle = ClientHandle::new(id, peer, outbox, close, SystemTime::now(), session(id));
+        self.insert(handle)
+    }
+
+    /// Registers a client being detected again, under the same id, as what its hello says
+    /// it is (`peer`, a sockframe client, with the session `session` gives). The outbox and
+    /// the close token carry over, so what was sent to it meanwhile, queued in that outbox,
+    /// goes to the new one in order, and a close ordered meanwhile stands.
+    pub(crate) fn promote(
+        self: &Arc<Self>,
+        detected: Registration,
+        peer: Peer,
+        session: impl FnOnce(ClientId) -> Option<SessionKey>,
+    ) -> Registration {
+        let old = &detected.handle;
+        let handle = ClientHandle::new(
+            old.id,
+            peer,
+            old.outbox.clone(),
+            old.close.clone(),
+            old.connected_at,
+            session(old.id),
+        );
+        *lock(&handle.order) = lock(&old.order).clone();
+        // Replaces the old entry; the old guard, dropped below, finds the entry no longer its
+        // own and leaves it.
+        let promoted = self.insert(handle);
+        drop(detected);
+        promoted
+    }
+
+    fn insert(self: &Arc<Self>, handle: ClientHandle) -> Registration {
+        let handle = Arc::new(handle);
+        lock(&self.clients).insert(handle.id, handle.clone());
         if let Some(peers) = &self.peers {
+            // Told again on a promotion: the cluster's entry is keyed by id, and replaced.
             peers.joined(&handle.info());
         }
         Registration {
@@ -352,7 +416,16 @@ pub(crate) struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.registry.clients).remove(&self.handle.id);
+        let mut clients = lock(&self.registry.clients);
+        // Only its own entry: a promoted registration has replaced it under the same id.
+        let own = clients
+            .get(&self.handle.id)
+            .is_some_and(|h| Arc::ptr_eq(h, &self.handle));
+        if !own {
+            return;
+        }
+        clients.remove(&self.handle.id);
+        drop(clients);
         if let Some(peers) = &self.registry.peers {
             peers.left(self.handle.id);
         }

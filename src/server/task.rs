@@ -14,7 +14,7 @@ use super::admit::{admit, reject, send_welcome, welcome};
 use super::events::emit;
 use super::park::{Suspension, claim, end_transfers, lock_transfers, resume};
 use super::registry::{Parked, Peer, SessionKey};
-use super::{ClientId, Inner, ServerEvent, registry};
+use super::{ClientId, Inner, ProtocolMode, ServerEvent, registry};
 use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
 use crate::outbox::outbox;
 use crate::protocol::message::{RejectCode, SessionGrant, SessionRequest};
@@ -37,10 +37,23 @@ pub(super) async fn serve_stream<S>(
 {
     let config = &inner.config;
     let (mut reader, mut writer) = Connection::new(stream, config.max_frame).split();
-    let admitted = match admit(&inner, &mut reader, &mut writer).await {
+    // In `auto` mode a connection is a client from its accept, so that sends and broadcasts
+    // reach it while its protocol is detected (up to `detect_timeout` for a silent one).
+    // They wait in its outbox: nothing is written to it before its protocol is known. It is
+    // announced (`Connected`) only then, so that what never becomes a client (a port scan, a
+    // refused hello, a session's new connection) never shows as one.
+    let mut early =
+        (config.effective_protocol() == ProtocolMode::Auto).then(|| Early::register(&inner, addr));
+    let stop = match &early {
+        // A close ordered meanwhile (a kick, a full queue under `Disconnect`) ends detection.
+        Some(early) => early.registration.handle.close.clone(),
+        None => inner.shutdown.clone(),
+    };
+    let admitted = match admit(&inner, &mut reader, &mut writer, &stop).await {
         Ok(admitted) => admitted,
         Err(why) => {
-            // Never reported to the application: it was never connected.
+            // Never reported to the application: it was never connected. (A registration
+            // made at accept ends with `early`, unannounced.)
             tracing::debug!(%addr, why, "connection not admitted");
             return;
         }
@@ -61,6 +74,10 @@ pub(super) async fn serve_stream<S>(
     };
 
     if let SessionRequest::Resume { token, received } = admitted.session {
+        // The session has its id, under which it goes on: the registration made at accept
+        // for this connection ends, unannounced. What it held were copies of broadcasts that
+        // the session's own queue also got, or sends to an id that was never announced.
+        drop(early.take());
         // A session another node of the cluster holds is handed over to this one.
         let here = inner.registry.get(ClientId(token.id)).is_some();
         let claimed = !here && inner.config.cluster.is_some();
@@ -136,28 +153,56 @@ pub(super) async fn serve_stream<S>(
     }
 
     let name = cert_name.unwrap_or(admitted.name);
-    let (outbox_tx, outbox_rx) = outbox(config.outbox);
     let wants_session = mode == Mode::Sockframe
         && admitted.session == SessionRequest::New
         && config.session_grace.is_some();
     let mut token_error = None;
-    let registration = inner.registry.register(
-        Peer { addr, mode, name },
-        outbox_tx,
-        inner.shutdown.child_token(),
-        |id| {
-            if !wants_session {
-                return None;
+    let session_key = |id: ClientId| {
+        if !wants_session {
+            return None;
+        }
+        match crate::session::new_token(id.0) {
+            Ok(token) => Some(SessionKey { token, principal }),
+            Err(e) => {
+                token_error = Some(e);
+                None
             }
-            match crate::session::new_token(id.0) {
-                Ok(token) => Some(SessionKey { token, principal }),
-                Err(e) => {
-                    token_error = Some(e);
-                    None
-                }
-            }
-        },
-    );
+        }
+    };
+    let peer = Peer {
+        addr,
+        mode,
+        name,
+        detecting: false,
+    };
+    let (registration, outbox_rx) = match early {
+        // Detected as the tutorial client it was registered as: same id, and what was sent
+        // to it meanwhile is written now, in the tutorial framing.
+        Some(Early {
+            registration,
+            outbox,
+        }) if mode == Mode::Tutorial => {
+            registration.handle.settle();
+            (registration, outbox)
+        }
+        // A sockframe client: the same id, which its welcome carries, and what was sent to
+        // it meanwhile follows the welcome as sockframe messages. It was never announced
+        // as anything else, and the application may already have used the id; another id
+        // would drop what was queued for this connection in its first moments.
+        Some(Early {
+            registration,
+            outbox,
+        }) => (
+            inner.registry.promote(registration, peer, session_key),
+            outbox,
+        ),
+        None => {
+            let (outbox_tx, outbox_rx) = outbox(config.outbox);
+            let close = inner.shutdown.child_token();
+            let registration = inner.registry.register(peer, outbox_tx, close, session_key);
+            (registration, outbox_rx)
+        }
+    };
     if let Some(e) = token_error {
         // Without randomness there is no safe token; go on without a session.
         tracing::error!(error = %e, "no random source for a session token; no session");
@@ -253,6 +298,32 @@ fn start_transfers(
         config.max_frame,
     );
     lock_transfers(inner).insert(client, transfers);
+}
+
+/// A client registered at accept, while its protocol is detected (`auto` mode), and the
+/// receiving end of its outbox, where what is sent to it waits meanwhile.
+struct Early {
+    registration: registry::Registration,
+    outbox: crate::outbox::OutboxReceiver,
+}
+
+impl Early {
+    /// Registers the connection from `addr` as a tutorial client being detected.
+    fn register(inner: &Inner, addr: SocketAddr) -> Early {
+        let (outbox_tx, outbox) = outbox(inner.config.outbox);
+        let peer = Peer {
+            addr,
+            mode: Mode::Tutorial,
+            name: String::new(),
+            detecting: true,
+        };
+        let close = inner.shutdown.child_token();
+        let registration = inner.registry.register(peer, outbox_tx, close, |_| None);
+        Early {
+            registration,
+            outbox,
+        }
+    }
 }
 
 /// What a registered client keeps from one connection to the next (of a session).

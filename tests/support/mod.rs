@@ -25,7 +25,8 @@ pub fn config() -> ServerConfig {
 
 /// Like [`config`], but speaking only the tutorial framing: every connection is a tutorial
 /// connection from the start, so a raw socket is reported `Connected` at once (in `Auto`
-/// mode a peer that sends nothing is only classified after `detect_timeout`).
+/// mode a peer that sends nothing is registered at once but only classified, and reported,
+/// after `detect_timeout`).
 pub fn tutorial_config() -> ServerConfig {
     ServerConfig {
         protocol: ProtocolMode::Tutorial,

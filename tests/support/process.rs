@@ -139,8 +139,38 @@ impl Proc {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sockframe"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sockframe"));
+        command.args(args);
+        Self::spawn(name, command, envs)
+    }
+
+    /// Like [`start`](Self::start), under an open file limit: the soft and hard limits are
+    /// set by `sh`'s `ulimit` before it runs `sockframe args...` in its place.
+    pub fn start_with_nofile<S: AsRef<std::ffi::OsStr>>(
+        (soft, hard): (u64, u64),
+        args: &[S],
+    ) -> Proc {
+        let name = format!(
+            "sockframe (ulimit -n {soft}/{hard}) {}",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut command = Command::new("sh");
+        // The soft limit first: a hard limit below the current soft one is refused.
+        command
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_sockframe"))
+            .args(args);
+        Self::spawn(name, command, &[])
+    }
+
+    fn spawn(name: String, mut command: Command, envs: &[(&str, &str)]) -> Proc {
+        let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("SOCKFRAME_TOKEN")
             .env_remove("SOCKFRAME_TOKENS")

@@ -36,6 +36,7 @@
 //! - `command.rs`: the commands read from stdin, run in a task of their own beside the
 //!   main loop.
 //! - `signals.rs`: SIGINT and SIGTERM (shut down), SIGHUP (reload the TLS files).
+//! - `nofile.rs`: the open file limit, raised (or warned about) when below `--max-conns`.
 //!
 //! [`ServerConfig`]: sockframe::server::ServerConfig
 
@@ -43,6 +44,7 @@ mod args;
 mod command;
 pub mod file;
 mod load;
+mod nofile;
 mod printer;
 mod signals;
 
@@ -88,6 +90,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.send_policy = FullPolicy::Disconnect;
     }
     let print = Printer { json: args.json };
+    nofile::check(config.max_connections as u64);
 
     // Before the `listening on` line: whoever reads it may signal us right away.
     let mut signals = Signals::new().context("failed to install signal handlers")?;
