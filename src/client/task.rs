@@ -176,7 +176,9 @@ pub(super) async fn run(
             }])
             .await;
         if closing_session {
-            match finish_close(&shared, &events, session.as_ref(), &outbox).await {
+            // Whether our close ended this link and the server confirmed it had the close.
+            let told = closed_by_us && outcome.flushed && outcome.close_confirmed;
+            match finish_close(&shared, &events, session.as_ref(), &outbox, told).await {
                 Ok(next) => {
                     link = next;
                     continue;
@@ -202,7 +204,7 @@ pub(super) async fn run(
             Ok(next) => link = next,
             // Closed while reconnecting: a session still finishes the close.
             Err(None) if shared.close_deadline.get().is_some() && session.is_some() => {
-                match finish_close(&shared, &events, session.as_ref(), &outbox).await {
+                match finish_close(&shared, &events, session.as_ref(), &outbox, false).await {
                     Ok(next) => link = next,
                     Err(result) => break result,
                 }
@@ -268,28 +270,41 @@ pub(super) async fn reconnect(
 }
 
 /// A graceful close of a session whose link is gone (cut during the close, or before it):
-/// `Err(result)` when the close is over, because the server acknowledged every frame or
-/// because the session could not be resumed before the close's deadline; `Ok(link)`, a
-/// resumed link, to resend what the server lacks on and close again.
+/// `Err(result)` when the close is over, because the server acknowledged every frame and
+/// was `told` of the close, or because the session could not be resumed before the
+/// close's deadline; `Ok(link)`, a resumed link, to resend what the server lacks on and
+/// close again.
 ///
 /// Without this, a close cut short after writing everything (into a link that then dropped
 /// it) would report success with frames lost, or report a loss when the server had
-/// acknowledged all.
+/// acknowledged all. And a server never told of the close would keep the session for its
+/// whole grace period, reporting it expired only then: so even with nothing left to
+/// deliver, the close resumes once (within its deadline) to say so.
 pub(super) async fn finish_close(
     shared: &Shared,
     events: &mpsc::Sender<Vec<ClientEvent>>,
     session: Option<&Session>,
     outbox: &OutboxReceiver,
+    told: bool,
 ) -> std::result::Result<Link, Result<()>> {
     let Some(session) = session else {
         return Err(undelivered_in(outbox));
     };
     let undelivered = session.retained.unacked() as usize + outbox.len();
-    if undelivered == 0 {
+    if undelivered == 0 && told {
         return Err(Ok(()));
     }
+    // With nothing undelivered, failing to tell the server loses nothing: the close
+    // succeeded, and the server ends the session when its grace runs out.
+    let gave_up = || {
+        if undelivered == 0 {
+            Ok(())
+        } else {
+            Err(Error::Undelivered(undelivered))
+        }
+    };
     let Some(&deadline) = shared.close_deadline.get() else {
-        return Err(Err(Error::Undelivered(undelivered)));
+        return Err(gave_up());
     };
     let config = &shared.config;
     // Not `reconnect`: the close has fired, and it would stop at once. The deadline bounds
@@ -306,9 +321,9 @@ pub(super) async fn finish_close(
         Ok(Ok(link)) => Ok(link),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, undelivered, "cannot resume to finish the close");
-            Err(Err(Error::Undelivered(undelivered)))
+            Err(gave_up())
         }
-        Err(_) => Err(Err(Error::Undelivered(undelivered))),
+        Err(_) => Err(gave_up()),
     }
 }
 

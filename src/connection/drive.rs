@@ -104,6 +104,10 @@ pub(crate) struct Outcome {
     /// The stream ended in the middle of a frame (reported as a protocol error, but to a
     /// session it is a cut link like any other).
     pub(crate) truncated: bool,
+    /// After a graceful close of a session: the peer acknowledged after our `CLOSE`, so it
+    /// had the close. A written `CLOSE` proves nothing: a link cut at that moment takes
+    /// the write and loses it, and the peer would keep the session for its whole grace.
+    pub(crate) close_confirmed: bool,
 }
 
 impl Outcome {
@@ -171,6 +175,7 @@ where
             liveness: &liveness,
             acks: acks.as_ref(),
             farewell: std::sync::atomic::AtomicBool::new(false),
+            acks_read: std::sync::atomic::AtomicU64::new(0),
             truncated: std::sync::atomic::AtomicBool::new(false),
             transfers: d.transfers,
             replied: std::sync::atomic::AtomicBool::new(false),
@@ -268,6 +273,7 @@ where
             flushed: false,
             farewell_received: false,
             truncated: false,
+            close_confirmed: false,
         };
         let outcome = match first {
             Ended::Read(reason) => {
@@ -284,6 +290,7 @@ where
             Ended::Write(Ok(())) => {
                 let order = (d.close_order)();
                 let mut flushed = false;
+                let mut close_confirmed = false;
                 if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
                     // Even a hasty close ends a session on purpose: say so, or the peer would
                     // keep it waiting to be resumed.
@@ -325,9 +332,12 @@ where
                                 Err(_) => return,
                             },
                         }
+                        // (The peer answers a session's `CLOSE` with an `ACK`.)
+                        let acks_before = inbound.acks_read.load(Ordering::Relaxed);
                         // Our side is done; wait for the peer to close theirs so that nothing
                         // we wrote is lost to a reset.
                         read.await;
+                        close_confirmed = inbound.acks_read.load(Ordering::Relaxed) > acks_before;
                     };
                     let _ = tokio::time::timeout_at(deadline, finish).await;
                 }
@@ -336,6 +346,7 @@ where
                     flushed,
                     farewell_received: false,
                     truncated: false,
+                    close_confirmed,
                 }
             }
         };

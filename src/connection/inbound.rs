@@ -40,6 +40,8 @@ pub(super) struct Inbound<'a, E, M, R> {
     pub(super) acks: Option<&'a Acks>,
     /// Set when the peer's `CLOSE` frame arrives.
     pub(super) farewell: std::sync::atomic::AtomicBool,
+    /// `ACK` frames read: one arriving after our `CLOSE` confirms that the peer had it.
+    pub(super) acks_read: std::sync::atomic::AtomicU64,
     /// Set when the stream ends in the middle of a frame.
     pub(super) truncated: std::sync::atomic::AtomicBool,
     pub(super) transfers: Option<&'a crate::transfer::Inbox>,
@@ -252,6 +254,7 @@ where
                     if let Err(e) = acks.peer_ack(n) {
                         return DisconnectReason::Protocol(e);
                     }
+                    self.acks_read.fetch_add(1, Ordering::Relaxed);
                     held.take();
                 }
                 Ok(Frame::AckRequest) => {

@@ -296,7 +296,7 @@ impl Server {
             .map_err(|_| Error::Timeout(inner.config.handshake_timeout))?;
         // The old node's watch over the parked session reports the departure.
         handle.mark_handed_over();
-        handle.on_resume.notify_one();
+        handle.wake_watches();
         // Closed first, then emptied: a send that races this fails (and a cluster forwards
         // it to the new node) instead of landing in a queue nobody reads.
         let queued = outbox.close_and_drain();

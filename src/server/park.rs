@@ -77,10 +77,9 @@ pub(super) async fn resume(
         return Err(UNKNOWN);
     }
     let mut parked = take_parked(inner, &handle).await?;
-    handle.on_resume.notify_one();
     if let Err(e) = parked.session.retained.resume(received) {
         tracing::warn!(%token, error = %e, "resume with an impossible count");
-        handle.park(parked);
+        handle.unpark_failed(parked);
         return Err(UNKNOWN);
     }
     inner.counters.resumed();

@@ -105,6 +105,8 @@ pub(crate) struct ClientHandle {
     pub(crate) on_resume: Notify,
     /// The session was handed over to another node of a cluster.
     handed_over: AtomicBool,
+    /// How many times the session was parked (see [`ClientHandle::park`]).
+    parkings: AtomicU64,
     /// Registered at accept, before its protocol is known (`auto` mode): what is sent to it
     /// waits in its outbox, and it has not been announced (`Connected`) yet. Shown as a
     /// tutorial client meanwhile, the protocol it defaults to.
@@ -183,6 +185,7 @@ impl ClientHandle {
             on_park: Notify::new(),
             on_resume: Notify::new(),
             handed_over: AtomicBool::new(false),
+            parkings: AtomicU64::new(0),
             detecting: AtomicBool::new(peer.detecting),
         }
     }
@@ -229,10 +232,36 @@ impl ClientHandle {
         lock(&self.link).cancel();
     }
 
-    /// Leaves the session for the next connection to take.
-    pub(crate) fn park(&self, parked: Parked) {
+    /// Leaves the session for the next connection to take; returns the parking's number,
+    /// which tells its watch (the task that expires it) from the watch of an earlier
+    /// parking of the same session, still waking from its resume.
+    pub(crate) fn park(&self, parked: Parked) -> u64 {
+        let mut slot = lock(&self.parked);
+        *slot = Some(Box::new(parked));
+        let generation = self.parkings.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(slot);
+        self.on_park.notify_one();
+        generation
+    }
+
+    /// Puts back a session a resumer took but could not use, for the watch of its parking
+    /// to go on watching.
+    pub(crate) fn unpark_failed(&self, parked: Parked) {
         *lock(&self.parked) = Some(Box::new(parked));
         self.on_park.notify_one();
+    }
+
+    /// The number of the latest [`park`](Self::park).
+    pub(crate) fn parking(&self) -> u64 {
+        self.parkings.load(Ordering::Acquire)
+    }
+
+    /// Wakes every watch of a parked session: a resumer took it, or it left for another
+    /// node. (Every one, and a permit for one not yet waiting: a session parked again soon
+    /// after a resume has two watches, and the older must not sleep on until its expiry.)
+    pub(crate) fn wake_watches(&self) {
+        self.on_resume.notify_waiters();
+        self.on_resume.notify_one();
     }
 
     /// Takes the parked session, if it is parked.

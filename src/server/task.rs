@@ -115,9 +115,12 @@ pub(super) async fn serve_stream<S>(
                 end_transfers(&inner, handle.id);
                 return;
             }
-            handle.park(parked);
+            handle.unpark_failed(parked);
             return;
         }
+        // The resume stands: the watch of the old connection's parking stops (it was waiting
+        // to expire the session).
+        handle.wake_watches();
         tracing::debug!(client = %handle.id, %addr, "session resumed");
         emit(
             &inner,
@@ -427,7 +430,7 @@ pub(super) async fn run_client<R, W>(
             },
         )
         .await;
-        handle.park(Parked {
+        let parking = handle.park(Parked {
             session,
             outbox: outbox_rx,
             registration,
@@ -439,6 +442,10 @@ pub(super) async fn run_client<R, W>(
         loop {
             tokio::select! {
                 _ = handle.on_resume.notified() => {
+                    if handle.parking() != parking {
+                        // Resumed and parked again since: that parking's watch has it.
+                        return;
+                    }
                     if handle.handed_over() {
                         // Another node of the cluster carries the session now.
                         let reason = DisconnectReason::HandedOver;
@@ -454,6 +461,10 @@ pub(super) async fn run_client<R, W>(
                 _ = &mut expiry => break,
                 _ = handle.close.cancelled() => break,
             }
+        }
+        if handle.parking() != parking {
+            // Resumed and parked again: that parking's own watch expires it.
+            return;
         }
         let Some(parked) = handle.take_parked() else {
             return;
