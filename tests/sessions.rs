@@ -802,15 +802,11 @@ async fn flushes_of_idle_sessions_finish_without_other_traffic() {
     server.shutdown().await;
 }
 
-/// A close that comes while the client is reconnecting (its link cut, the new one not yet
-/// through): the client finishes reconnecting, resumes, delivers what it queued meanwhile,
-/// and closes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_while_reconnecting_resumes_and_delivers_everything() {
-    let (server, mut events, proxy, mut client) = proxied_session().await;
+/// Sends "before" and waits until the server has it; then cuts the link and holds every
+/// new connection's hello (the client keeps trying), until the client saw the drop.
+async fn delivered_then_cut(proxy: &FaultProxy, client: &mut Client) {
     client.send("before").await.unwrap();
     client.flush().await.unwrap();
-    // Cut, and hold every new connection's hello: the client keeps trying.
     proxy.blackhole(true);
     proxy.cut_all();
     loop {
@@ -820,6 +816,15 @@ async fn a_close_while_reconnecting_resumes_and_delivers_everything() {
             None => panic!("client events ended"),
         }
     }
+}
+
+/// A close that comes while the client is reconnecting (its link cut, the new one not yet
+/// through): the client finishes reconnecting, resumes, delivers what it queued meanwhile,
+/// and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_reconnecting_resumes_and_delivers_everything() {
+    let (server, mut events, proxy, mut client) = proxied_session().await;
+    delivered_then_cut(&proxy, &mut client).await;
     for i in 0..3 {
         client.send(format!("queued {i}")).await.unwrap();
     }
@@ -847,17 +852,7 @@ async fn a_close_while_reconnecting_resumes_and_delivers_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_while_reconnecting_with_nothing_left_still_tells_the_server() {
     let (server, mut events, proxy, mut client) = proxied_session().await;
-    client.send("before").await.unwrap();
-    client.flush().await.unwrap();
-    proxy.blackhole(true);
-    proxy.cut_all();
-    loop {
-        match timeout(WAIT, client.recv()).await.unwrap() {
-            Some(ClientEvent::Disconnected { .. }) => break,
-            Some(_) => {}
-            None => panic!("client events ended"),
-        }
-    }
+    delivered_then_cut(&proxy, &mut client).await;
     let closing = tokio::spawn(client.close());
     proxy.blackhole(false);
     let closed = timeout(WAIT, closing).await.unwrap().unwrap();
