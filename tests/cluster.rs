@@ -452,3 +452,20 @@ async fn a_session_whose_node_died_is_reported_expired_on_the_new_node() {
     // It goes on with a new session on node a.
     next_connected(&mut ea).await;
 }
+
+#[tokio::test]
+async fn a_silent_tutorial_client_is_listed_everywhere_once_detected() {
+    let redis = RedisServer::start();
+    // Auto mode: a connection is a client from its accept, announced to the other nodes
+    // only once its protocol is known (a silent one after `detect_timeout`).
+    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
+    let (b, _eb, _) = node(&redis, "b").await;
+    let mut silent = support::raw::connect(a.local_addr()).await;
+    let id = next_connected(&mut ea).await;
+    until("b to list a's silent client", WAIT, || {
+        b.clients().iter().any(|c| c.id == id)
+    })
+    .await;
+    b.send(id, "found you").await.unwrap();
+    assert_eq!(read_frame(&mut silent).await, b"found you");
+}

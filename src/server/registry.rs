@@ -412,13 +412,23 @@ impl Registry {
     fn insert(self: &Arc<Self>, handle: ClientHandle) -> Registration {
         let handle = Arc::new(handle);
         lock(&self.clients).insert(handle.id, handle.clone());
-        if let Some(peers) = &self.peers {
-            // Told again on a promotion: the cluster's entry is keyed by id, and replaced.
+        // A connection being detected is not announced to the other nodes (a port scan
+        // would cost a registry write and delete each): only once it is known.
+        if let (Some(peers), false) = (&self.peers, handle.is_detecting()) {
             peers.joined(&handle.info());
         }
         Registration {
             registry: self.clone(),
             handle,
+        }
+    }
+
+    /// A client being detected turned out to speak the tutorial framing, as registered:
+    /// now it is announced to the other nodes too.
+    pub(crate) fn settle(&self, handle: &ClientHandle) {
+        handle.settle();
+        if let Some(peers) = &self.peers {
+            peers.joined(&handle.info());
         }
     }
 
@@ -455,7 +465,7 @@ impl Drop for Registration {
         }
         clients.remove(&self.handle.id);
         drop(clients);
-        if let Some(peers) = &self.registry.peers {
+        if let (Some(peers), false) = (&self.registry.peers, self.handle.is_detecting()) {
             peers.left(self.handle.id);
         }
     }

@@ -185,7 +185,7 @@ pub(super) async fn serve_stream<S>(
             registration,
             outbox,
         }) if mode == Mode::Tutorial => {
-            registration.handle.settle();
+            inner.registry.settle(&registration.handle);
             (registration, outbox)
         }
         // A sockframe client: the same id, which its welcome carries, and what was sent to
