@@ -239,7 +239,8 @@ async fn hand_over(
     // meanwhile is passed on to `to`, which answers "moving" until it has the session.
     let before = shared.set_moved(client, Some((to, Instant::now())));
     let outcome = match SessionClaim::from_bytes(claim) {
-        Ok(claim) => server.hand_over(claim).await,
+        // Half the asker's wait: the session must leave while the asker still waits.
+        Ok(claim) => server.hand_over(claim, shared.config.timeout / 2).await,
         Err(e) => Err(e),
     };
     match outcome {

@@ -20,11 +20,14 @@
 //!   [`Error::Disconnected`]; its frame is still delivered, and the client's answer,
 //!   arriving at the new node, is counted there as unmatched;
 //! - file transfers in progress with the client stop on the old node, as when a session
-//!   expires; the transfer protocol's own resume takes them up again.
+//!   expires; the transfer protocol's own resume takes them up again;
+//! - a message handler's own state: the new node makes the client a new handler.
 //!
 //! Both structures are plain bytes for the cluster to carry (this module is the only
 //! place that reads them). The session secret travels inside them: the cluster's
 //! transport (Redis) must be as trusted as the nodes themselves.
+
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -274,8 +277,10 @@ impl Server {
     ///
     /// Fails with [`Error::UnknownClient`] if this node has no such session or the token
     /// or principal does not match (logged here, never told apart to the asker), and with
-    /// [`Error::Timeout`] if the session's connection does not let go in time.
-    pub async fn hand_over(&self, claim: SessionClaim) -> Result<HandedSession> {
+    /// [`Error::Timeout`] if the session's connection does not let go `within` (at most the
+    /// handshake timeout): the asker must still be waiting when the session leaves, or it
+    /// would be lost on the way, so give it less than the asker's own timeout.
+    pub async fn hand_over(&self, claim: SessionClaim, within: Duration) -> Result<HandedSession> {
         let inner = &self.inner;
         let client = claim.client();
         let unknown = || Error::UnknownClient(client);
@@ -291,9 +296,9 @@ impl Server {
             registration,
             handler,
             replies,
-        } = park::take_parked(inner, &handle)
+        } = park::take_parked_within(&handle, within.min(inner.config.handshake_timeout))
             .await
-            .map_err(|_| Error::Timeout(inner.config.handshake_timeout))?;
+            .map_err(|_| Error::Timeout(within))?;
         // The old node's watch over the parked session reports the departure.
         handle.mark_handed_over();
         handle.wake_watches();

@@ -95,7 +95,15 @@ pub(super) async fn take_parked(
     inner: &Inner,
     handle: &ClientHandle,
 ) -> std::result::Result<Parked, &'static str> {
-    let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
+    take_parked_within(handle, inner.config.handshake_timeout).await
+}
+
+/// [`take_parked`], waiting at most `within`.
+pub(super) async fn take_parked_within(
+    handle: &ClientHandle,
+    within: std::time::Duration,
+) -> std::result::Result<Parked, &'static str> {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(parked) = handle.take_parked() {
             return Ok(parked);

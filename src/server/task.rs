@@ -109,10 +109,25 @@ pub(super) async fn serve_stream<S>(
         if let Err(e) = send_welcome(config, &mut writer, welcome).await {
             tracing::debug!(%addr, error = %e, "could not send the welcome");
             if claimed {
-                // Nothing here watches over a parked session this connection brought: it
-                // ends now, and the client is told so when it comes back.
-                tracing::warn!(client = %handle.id, "a session taken over from another node ended: its welcome could not be sent");
-                end_transfers(&inner, handle.id);
+                // A session taken over from another node for a client that left again (it
+                // gave up waiting, say): kept here for it to come back, like any other.
+                let Some(grace) = config.session_grace else {
+                    return;
+                };
+                let Some(_suspension) = Suspension::take(&inner) else {
+                    return;
+                };
+                let client = handle.id;
+                let parking = handle.park(parked);
+                if let Some(reason) = watch_parked(&inner, &handle, parking, grace, &events).await {
+                    inner.counters.departed(&reason, handle.traffic_totals());
+                    emit(
+                        &inner,
+                        &events,
+                        ServerEvent::Disconnected { client, reason },
+                    )
+                    .await;
+                }
                 return;
             }
             handle.unpark_failed(parked);
@@ -437,49 +452,10 @@ pub(super) async fn run_client<R, W>(
             handler,
             replies,
         });
-        let expiry = tokio::time::sleep(grace);
-        tokio::pin!(expiry);
-        loop {
-            tokio::select! {
-                _ = handle.on_resume.notified() => {
-                    if handle.parking() != parking {
-                        // Resumed and parked again since: that parking's watch has it.
-                        return;
-                    }
-                    if handle.handed_over() {
-                        // Another node of the cluster carries the session now.
-                        let reason = DisconnectReason::HandedOver;
-                        inner.counters.departed(&reason, handle.traffic_totals());
-                        emit(&inner, &events, ServerEvent::Disconnected { client, reason }).await;
-                        return;
-                    }
-                    if !handle.is_parked() {
-                        // A new connection carries the session now.
-                        return;
-                    }
-                }
-                _ = &mut expiry => break,
-                _ = handle.close.cancelled() => break,
-            }
+        match watch_parked(&inner, &handle, parking, grace, &events).await {
+            Some(ended) => reason = ended,
+            None => return,
         }
-        if handle.parking() != parking {
-            // Resumed and parked again: that parking's own watch expires it.
-            return;
-        }
-        let Some(parked) = handle.take_parked() else {
-            return;
-        };
-        end_transfers(&inner, client);
-        reason = if handle.close.is_cancelled() {
-            handle.close_order().reason
-        } else {
-            let undelivered = parked.session.retained.unacked() + parked.outbox.len() as u64;
-            tracing::info!(%client, undelivered, "session expired");
-            DisconnectReason::SessionExpired { undelivered }
-        };
-        handle.pending.fail_all();
-        // Unregisters the client, before the event (see below).
-        drop(parked);
     } else {
         end_transfers(&inner, client);
         handle.pending.fail_all();
@@ -498,4 +474,59 @@ pub(super) async fn run_client<R, W>(
         ServerEvent::Disconnected { client, reason },
     )
     .await;
+}
+
+/// Watches a parked session (parking number `parking`) for `grace`: `None` if it lives on
+/// (a resumer took it, here or on another node, or a later parking's watch has it), else
+/// the reason it ended here (expired, or closed meanwhile), with the client unregistered.
+async fn watch_parked(
+    inner: &Arc<Inner>,
+    handle: &registry::ClientHandle,
+    parking: u64,
+    grace: std::time::Duration,
+    events: &mpsc::Sender<Vec<ServerEvent>>,
+) -> Option<DisconnectReason> {
+    let client = handle.id;
+    let expiry = tokio::time::sleep(grace);
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            _ = handle.on_resume.notified() => {
+                if handle.parking() != parking {
+                    // Resumed and parked again since: that parking's watch has it.
+                    return None;
+                }
+                if handle.handed_over() {
+                    // Another node of the cluster carries the session now.
+                    let reason = DisconnectReason::HandedOver;
+                    inner.counters.departed(&reason, handle.traffic_totals());
+                    emit(inner, events, ServerEvent::Disconnected { client, reason }).await;
+                    return None;
+                }
+                if !handle.is_parked() {
+                    // A new connection carries the session now.
+                    return None;
+                }
+            }
+            _ = &mut expiry => break,
+            _ = handle.close.cancelled() => break,
+        }
+    }
+    if handle.parking() != parking {
+        // Resumed and parked again: that parking's own watch expires it.
+        return None;
+    }
+    let parked = handle.take_parked()?;
+    end_transfers(inner, client);
+    let reason = if handle.close.is_cancelled() {
+        handle.close_order().reason
+    } else {
+        let undelivered = parked.session.retained.unacked() + parked.outbox.len() as u64;
+        tracing::info!(%client, undelivered, "session expired");
+        DisconnectReason::SessionExpired { undelivered }
+    };
+    handle.pending.fail_all();
+    // Unregisters the client, before the event.
+    drop(parked);
+    Some(reason)
 }
