@@ -292,18 +292,6 @@ impl<T: Weigh> OutboxReceiver<T> {
     pub(crate) fn len(&self) -> usize {
         self.shared.lock().queue.len()
     }
-
-    /// Closes the queue and takes everything in it, oldest first: a send after this fails
-    /// (`Closed`), so nothing queued can be lost between the taking and the closing (a
-    /// session handed over to another node carries these along).
-    pub(crate) fn close_and_drain(&mut self) -> Vec<T> {
-        self.shared.bytes.close();
-        self.shared.slots.close();
-        let mut state = self.shared.lock();
-        state.closed = true;
-        state.waker = None;
-        std::mem::take(&mut state.queue).into()
-    }
 }
 
 /// Takes the oldest message out.
@@ -336,19 +324,25 @@ impl<T> Drop for Waiting<'_, T> {
     }
 }
 
-impl<T> Drop for OutboxReceiver<T> {
-    fn drop(&mut self) {
+impl<T> OutboxReceiver<T> {
+    /// Closes the queue and takes everything in it, oldest first: a send after this fails
+    /// (`Closed`), so nothing queued can be lost between the taking and the closing (a
+    /// session handed over to another node carries these along).
+    pub(crate) fn close_and_drain(&mut self) -> VecDeque<T> {
         // Wake senders waiting for room: nobody will ever return it.
         self.shared.bytes.close();
         self.shared.slots.close();
-        let queued = {
-            let mut state = self.shared.lock();
-            state.closed = true;
-            state.waker = None;
-            std::mem::take(&mut state.queue)
-        };
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.waker = None;
+        std::mem::take(&mut state.queue)
+    }
+}
+
+impl<T> Drop for OutboxReceiver<T> {
+    fn drop(&mut self) {
         // Dropped outside the lock: an item's drop may wake others (a flush waiter).
-        drop(queued);
+        drop(self.close_and_drain());
     }
 }
 

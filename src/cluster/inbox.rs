@@ -258,10 +258,7 @@ async fn elsewhere(shared: &Shared, client: ClientId, hops: u8, packet: Packet) 
     if shared.is_claiming(client) {
         return Some(Failure::Moving);
     }
-    let to = shared
-        .moved_to(client)
-        .or_else(|| shared.registry.moved_to(client))
-        .filter(|&n| n != shared.number);
+    let to = shared.moved_away(client).filter(|&n| n != shared.number);
     let Some(to) = to else {
         return Some(Failure::Unknown);
     };

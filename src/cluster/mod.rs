@@ -373,14 +373,14 @@ impl Shared {
     /// The node to ask for `client`: where this node handed it, else where the registry
     /// lists it away from home, else the node its id names.
     pub(crate) fn route(&self, client: ClientId) -> u64 {
-        self.moved_to(client)
-            .or_else(|| self.registry.moved_to(client))
-            .unwrap_or_else(|| node_of(client))
+        self.moved_away(client).unwrap_or_else(|| node_of(client))
     }
 
-    /// Where this node handed `client`'s session, if it did lately.
-    pub(crate) fn moved_to(&self, client: ClientId) -> Option<u64> {
-        lock(&self.moved).get(&client).map(|(node, _)| *node)
+    /// Where `client` went, if it left the node its id names: where this node handed its
+    /// session lately, else where the registry lists it.
+    pub(crate) fn moved_away(&self, client: ClientId) -> Option<u64> {
+        let handed = lock(&self.moved).get(&client).map(|(node, _)| *node);
+        handed.or_else(|| self.registry.moved_to(client))
     }
 
     /// Notes that `client` moved to `node` (`None`: it did not after all); returns the

@@ -304,7 +304,7 @@ impl Server {
         handle.wake_watches();
         // Closed first, then emptied: a send that races this fails (and a cluster forwards
         // it to the new node) instead of landing in a queue nobody reads.
-        let queued = outbox.close_and_drain();
+        let queued = outbox.close_and_drain().into();
         let retained = session.retained.take_frames();
         let mut unwritten = Vec::new();
         while let Some(reply) = replies.pop() {

@@ -117,16 +117,9 @@ pub(super) async fn serve_stream<S>(
                 let Some(_suspension) = Suspension::take(&inner) else {
                     return;
                 };
-                let client = handle.id;
                 let parking = handle.park(parked);
                 if let Some(reason) = watch_parked(&inner, &handle, parking, grace, &events).await {
-                    inner.counters.departed(&reason, handle.traffic_totals());
-                    emit(
-                        &inner,
-                        &events,
-                        ServerEvent::Disconnected { client, reason },
-                    )
-                    .await;
+                    departed(&inner, &events, &handle, reason).await;
                 }
                 return;
             }
@@ -248,17 +241,9 @@ pub(super) async fn serve_stream<S>(
     emit(&inner, &events, ServerEvent::Connected { client, addr }).await;
     if let Some(reason) = admitted.broken {
         drop(outbox_rx);
-        inner
-            .counters
-            .departed(&reason, registration.handle.traffic_totals());
         drop(registration);
         drop(permit);
-        emit(
-            &inner,
-            &events,
-            ServerEvent::Disconnected { client, reason },
-        )
-        .await;
+        departed(&inner, &events, &handle, reason).await;
         return;
     }
     let link = Link {
@@ -467,13 +452,19 @@ pub(super) async fn run_client<R, W>(
         drop(registration);
     }
     tracing::debug!(%client, %reason, "disconnected");
+    departed(&inner, &events, &handle, reason).await;
+}
+
+/// Counts a client's departure and reports it (`Disconnected`).
+async fn departed(
+    inner: &Inner,
+    events: &mpsc::Sender<Vec<ServerEvent>>,
+    handle: &registry::ClientHandle,
+    reason: DisconnectReason,
+) {
     inner.counters.departed(&reason, handle.traffic_totals());
-    emit(
-        &inner,
-        &events,
-        ServerEvent::Disconnected { client, reason },
-    )
-    .await;
+    let client = handle.id;
+    emit(inner, events, ServerEvent::Disconnected { client, reason }).await;
 }
 
 /// Watches a parked session (parking number `parking`) for `grace`: `None` if it lives on
@@ -498,9 +489,7 @@ async fn watch_parked(
                 }
                 if handle.handed_over() {
                     // Another node of the cluster carries the session now.
-                    let reason = DisconnectReason::HandedOver;
-                    inner.counters.departed(&reason, handle.traffic_totals());
-                    emit(inner, events, ServerEvent::Disconnected { client, reason }).await;
+                    departed(inner, events, handle, DisconnectReason::HandedOver).await;
                     return None;
                 }
                 if !handle.is_parked() {
