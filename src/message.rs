@@ -74,6 +74,11 @@ impl Message {
         }
     }
 
+    /// A message of `kind` whose payload was already checked (UTF-8 for text).
+    pub(crate) fn from_parts(kind: MessageKind, payload: Bytes) -> Self {
+        Message { kind, payload }
+    }
+
     /// The wire kind to send this message as: untyped payloads go as text when they are
     /// UTF-8 (the tutorial's programs send strings), as binary otherwise.
     pub(crate) fn wire_kind(&self) -> Kind {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Backoff, ClientConfig, ClientEvent};
-use crate::connection::{FrameReader, FrameWriter, HEAD_ROOM, Mode};
+use crate::connection::{Batch, FrameReader, FrameWriter, HEAD_ROOM, Mode};
 use crate::protocol::message::{
     self as wire, Frame, Hello, SessionGrant, SessionRequest, SessionToken,
 };
@@ -39,7 +39,7 @@ pub(super) struct Link {
 pub(super) async fn connect_with_backoff(
     config: &ClientConfig,
     backoff: &Backoff,
-    events: Option<&mpsc::Sender<Vec<ClientEvent>>>,
+    events: Option<&mpsc::Sender<Batch<ClientEvent>>>,
     close: &CancellationToken,
     resume: Option<(SessionToken, u64)>,
 ) -> Result<Link> {
@@ -56,7 +56,7 @@ pub(super) async fn connect_with_backoff(
             tracing::debug!(attempt, ?delay, "reconnecting");
             tokio::select! {
                 _ = close.cancelled() => return Err(Error::Closed),
-                _ = events.send(vec![ClientEvent::Reconnecting { attempt, delay }]) => {}
+                _ = events.send(Batch::from(ClientEvent::Reconnecting { attempt, delay })) => {}
             }
             tokio::select! {
                 _ = close.cancelled() => return Err(Error::Closed),

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::Backoff;
 
-use crate::connection::{CloseOrder, Mode};
+use crate::connection::{Batch, CloseOrder, Mode, Ready};
 use crate::message::Message;
 use crate::outbox::{OutboxSender, outbox};
 use crate::outgoing::{FlushWaiter, Outgoing};
@@ -91,6 +91,13 @@ pub enum ClientEvent {
     FileFailed(crate::transfer::FileFailure),
 }
 
+impl crate::connection::MessageEvent for ClientEvent {
+    #[inline]
+    fn message_event(_: u64, message: Message) -> Self {
+        ClientEvent::Message(message)
+    }
+}
+
 impl From<crate::transfer::TransferEvent> for ClientEvent {
     fn from(event: crate::transfer::TransferEvent) -> Self {
         use crate::transfer::TransferEvent;
@@ -131,9 +138,9 @@ struct Shared {
 pub struct Client {
     sender: ClientSender,
     /// Events arrive in batches (all that one read produced, up to 256).
-    events: mpsc::Receiver<Vec<ClientEvent>>,
+    events: mpsc::Receiver<Batch<ClientEvent>>,
     /// The rest of the batch received last.
-    ready: std::collections::VecDeque<ClientEvent>,
+    ready: Ready<ClientEvent>,
     driver: Option<JoinHandle<Result<()>>>,
 }
 
@@ -171,7 +178,7 @@ impl Client {
                 let events = events.upgrade();
                 Box::pin(async move {
                     if let Some(events) = events {
-                        let _ = events.send(vec![ClientEvent::from(event)]).await;
+                        let _ = events.send(Batch::from(ClientEvent::from(event))).await;
                     }
                 })
             });
@@ -262,10 +269,10 @@ impl Client {
     /// application, or disconnected without reconnect, or reconnecting gave up).
     pub async fn recv(&mut self) -> Option<ClientEvent> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
+            if let Some(event) = self.ready.next() {
                 return Some(event);
             }
-            self.ready.extend(self.events.recv().await?);
+            self.ready = self.events.recv().await?.into_ready();
         }
     }
 

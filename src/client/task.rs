@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect::{Link, connect_with_backoff};
 use super::{CLOSED, CONNECTED, ClientEvent, DISCONNECTED, Shared, lock};
-use crate::connection::{CloseOrder, Drive, Mode, Traffic, drive};
+use crate::connection::{Batch, CloseOrder, Drive, Mode, Traffic, drive};
 use crate::outbox::{OutboxReceiver, OutboxSender};
 use crate::protocol::message::{RejectCode, SessionGrant, SessionToken};
 use crate::reason::DisconnectReason;
@@ -23,7 +23,7 @@ pub(super) async fn run(
     mut link: Link,
     mut outbox: OutboxReceiver,
     reply: OutboxSender,
-    events: mpsc::Sender<Vec<ClientEvent>>,
+    events: mpsc::Sender<Batch<ClientEvent>>,
     transfers: crate::transfer::Transfers,
 ) -> Result<()> {
     let config = &shared.config;
@@ -55,7 +55,7 @@ pub(super) async fn run(
                         let undelivered = session.take().map_or(0, |s| s.retained.unacked());
                         shared.pending.fail_all();
                         let _ = events
-                            .send(vec![ClientEvent::SessionExpired { undelivered }])
+                            .send(Batch::from(ClientEvent::SessionExpired { undelivered }))
                             .await;
                         if shared.close_deadline.get().is_some() {
                             // Resumed only to finish a close: it cannot be finished.
@@ -103,7 +103,7 @@ pub(super) async fn run(
             } else {
                 ClientEvent::Connected { addr }
             };
-            let _ = events.send(vec![event]).await;
+            let _ = events.send(Batch::from(event)).await;
         }
         // Unused (a client has no message handler), but `drive` takes one.
         let replies = crate::connection::Replies::new(config.outbox);
@@ -119,7 +119,7 @@ pub(super) async fn run(
                 reply: &reply,
                 pending: &shared.pending,
                 events: &events,
-                on_message: ClientEvent::Message,
+                message_tag: 0,
                 on_request: ClientEvent::Request,
                 traffic: &traffic,
                 close: &shared.close,
@@ -171,9 +171,9 @@ pub(super) async fn run(
         );
         tracing::debug!(reason = %outcome.reason, keep_session, "disconnected");
         let _ = events
-            .send(vec![ClientEvent::Disconnected {
+            .send(Batch::from(ClientEvent::Disconnected {
                 reason: outcome.reason.clone(),
-            }])
+            }))
             .await;
         if closing_session {
             // Whether our close ended this link and the server confirmed it had the close.
@@ -220,7 +220,7 @@ pub(super) async fn run(
                 shared.pending.fail_all();
                 tracing::warn!(undelivered, "session expired");
                 let _ = events
-                    .send(vec![ClientEvent::SessionExpired { undelivered }])
+                    .send(Batch::from(ClientEvent::SessionExpired { undelivered }))
                     .await;
                 match reconnect(&shared, &events, None).await {
                     Ok(next) => link = next,
@@ -239,7 +239,7 @@ pub(super) async fn run(
 /// client was closed meanwhile; `Err(Some(e))` when reconnecting failed for good.
 pub(super) async fn reconnect(
     shared: &Shared,
-    events: &mpsc::Sender<Vec<ClientEvent>>,
+    events: &mpsc::Sender<Batch<ClientEvent>>,
     resume: Option<(SessionToken, u64)>,
 ) -> std::result::Result<Link, Option<Error>> {
     let config = &shared.config;
@@ -282,7 +282,7 @@ pub(super) async fn reconnect(
 /// deliver, the close resumes once (within its deadline) to say so.
 pub(super) async fn finish_close(
     shared: &Shared,
-    events: &mpsc::Sender<Vec<ClientEvent>>,
+    events: &mpsc::Sender<Batch<ClientEvent>>,
     session: Option<&Session>,
     outbox: &OutboxReceiver,
     told: bool,

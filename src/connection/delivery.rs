@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::batch::{Batch, MAX_BATCH, MessageEvent};
 use super::config::RateAction;
 use super::inbound::Inbound;
 use crate::handler::Handler;
@@ -14,11 +15,6 @@ use crate::outbox::FullPolicy;
 use crate::protocol::message as wire;
 use crate::reason::DisconnectReason;
 use crate::request::Request;
-
-/// Most events handed to the application in one batch. Events travel in batches of those
-/// that one read produced: one channel operation and at most one wake-up per batch instead
-/// of per message, which is most of the cost of small messages.
-pub(super) const MAX_BATCH: usize = 256;
 
 /// A connection's [`Handler`], and its reply while that waits for room in the outbox.
 pub(super) struct Handling<'h> {
@@ -44,9 +40,9 @@ impl Handling<'_> {
     }
 }
 
-impl<E, M, R> Inbound<'_, E, M, R>
+impl<E, R> Inbound<'_, E, R>
 where
-    M: Fn(Message) -> E,
+    E: MessageEvent,
     R: Fn(Request) -> E,
 {
     /// Gives the held message frame (of `kind`; `None` for the tutorial framing) to the
@@ -57,7 +53,7 @@ where
         h: &mut Handling<'_>,
         held: &mut Option<Bytes>,
         kind: Option<wire::Kind>,
-        batch: &mut Vec<E>,
+        batch: &mut Batch<E>,
     ) -> Result<(), DisconnectReason> {
         // (The checks around the calls keep the common case free of a future's setup.)
         // Requests read before this message reach the application first; a session's
@@ -126,7 +122,7 @@ where
 
     /// Waits as the rate limit says before the next message, handing over what came
     /// within the limit first; or fails when the limit disconnects.
-    async fn limit(&self, batch: &mut Vec<E>) -> Result<(), DisconnectReason> {
+    async fn limit(&self, batch: &mut Batch<E>) -> Result<(), DisconnectReason> {
         if let Some(bucket) = &self.bucket {
             loop {
                 let (wait, action) = {
@@ -156,7 +152,7 @@ where
         held: &mut Option<Bytes>,
         event: E,
         len: usize,
-        batch: &mut Vec<E>,
+        batch: &mut Batch<E>,
     ) -> Result<(), DisconnectReason> {
         self.limit(batch).await?;
         self.accept(held, event, len, batch);
@@ -168,7 +164,7 @@ where
 
     /// Whether delivering the next event may wait (a rate limit, or a full batch); when it
     /// cannot, [`accept`](Self::accept) is used directly, without an `.await`.
-    pub(super) fn waits(&self, batch: &[E]) -> bool {
+    pub(super) fn waits(&self, batch: &Batch<E>) -> bool {
         self.bucket.is_some() || batch.len() + 1 >= MAX_BATCH
     }
 
@@ -178,7 +174,7 @@ where
         held: &mut Option<Bytes>,
         event: E,
         len: usize,
-        batch: &mut Vec<E>,
+        batch: &mut Batch<E>,
     ) {
         held.take();
         self.count_in(len);
@@ -186,13 +182,8 @@ where
     }
 
     /// Adds an event to the batch.
-    pub(super) fn push_event(&self, batch: &mut Vec<E>, event: E) {
-        // A batch handed over leaves no buffer behind (an idle connection keeps none); the
-        // next takes its room when its first event arrives.
-        if batch.capacity() == 0 {
-            batch.reserve_exact(self.batch_hint.load(Ordering::Relaxed).clamp(1, MAX_BATCH));
-        }
-        batch.push(event);
+    pub(super) fn push_event(&self, batch: &mut Batch<E>, event: E) {
+        batch.push(event, &self.batch_hint);
     }
 
     /// Counts an application message of `len` bytes taken in: traffic, liveness, and the
@@ -208,7 +199,7 @@ where
     /// Hands the batch to the application, waiting for room in the event stream.
     ///
     /// Cancel-safe: the batch is taken only once there is room for it.
-    pub(super) async fn flush(&self, batch: &mut Vec<E>) {
+    pub(super) async fn flush(&self, batch: &mut Batch<E>) {
         if batch.is_empty() {
             return;
         }
@@ -226,7 +217,7 @@ where
             }
         };
         let count = batch.len() as u64;
-        self.batch_hint.store(batch.len(), Ordering::Relaxed);
+        batch.hint(&self.batch_hint);
         match slot {
             Ok(slot) => slot.send(std::mem::take(batch)),
             // Without a listener events are discarded, but the connection is still served.

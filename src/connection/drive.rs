@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{Batch, MessageEvent};
 use super::config::{Bucket, Heartbeat, Mode, RateLimit};
 use super::control::{Control, Replies};
 use super::delivery::Handling;
@@ -20,7 +21,6 @@ use super::outbound::{drain, push_control, write_loop};
 use super::reader::FrameReader;
 use super::writer::FrameWriter;
 use crate::handler::Handler;
-use crate::message::Message;
 use crate::outbox::{FullPolicy, OutboxReceiver, OutboxSender};
 use crate::protocol::message::{Frame, close_code};
 use crate::reason::DisconnectReason;
@@ -41,7 +41,7 @@ pub(crate) struct CloseOrder {
 }
 
 /// What `drive` needs besides the stream.
-pub(crate) struct Drive<'a, E, M, R, C> {
+pub(crate) struct Drive<'a, E, R, C> {
     pub(crate) mode: Mode,
     /// Largest message body accepted (the frame limit has room for typed heads besides).
     pub(crate) max_body: usize,
@@ -54,10 +54,10 @@ pub(crate) struct Drive<'a, E, M, R, C> {
     pub(crate) reply: &'a OutboxSender,
     /// This side's requests waiting for answers.
     pub(crate) pending: &'a Pending,
-    /// Where received events go, in batches (see [`MAX_BATCH`](super::delivery::MAX_BATCH)).
-    pub(crate) events: &'a mpsc::Sender<Vec<E>>,
-    /// Wraps a received message into the application's event type.
-    pub(crate) on_message: M,
+    /// Where received events go, in batches (see [`MAX_BATCH`](super::batch::MAX_BATCH)).
+    pub(crate) events: &'a mpsc::Sender<Batch<E>>,
+    /// Whom received messages come from, for their events (see [`MessageEvent`]).
+    pub(crate) message_tag: u64,
     /// Wraps a received request into the application's event type.
     pub(crate) on_request: R,
     pub(crate) traffic: &'a Traffic,
@@ -131,16 +131,16 @@ enum Ended {
 /// already read (by protocol detection) and not yet delivered.
 // On purpose not an `async fn`: see the comment in the body.
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn drive<RD, WR, E, M, R, C>(
+pub(crate) fn drive<RD, WR, E, R, C>(
     mut reader: FrameReader<RD>,
     mut writer: FrameWriter<WR>,
     mut held: Option<Bytes>,
-    d: Drive<'_, E, M, R, C>,
+    d: Drive<'_, E, R, C>,
 ) -> impl Future<Output = Outcome>
 where
     RD: AsyncRead + Unpin,
     WR: AsyncWrite + Unpin,
-    M: Fn(Message) -> E,
+    E: MessageEvent,
     R: Fn(Request) -> E,
     C: Fn() -> CloseOrder,
 {
@@ -166,7 +166,7 @@ where
             refuse_late_hello: std::sync::atomic::AtomicBool::new(d.refuse_late_hello),
             bucket: d.rate_limit.map(|l| std::sync::Mutex::new(Bucket::new(l))),
             events: d.events,
-            on_message: &d.on_message,
+            message_tag: d.message_tag,
             on_request: &d.on_request,
             reply: d.reply,
             pending: d.pending,
@@ -184,7 +184,7 @@ where
 
         // Events read but not yet handed over; outside the read future so that dropping that
         // future loses none of them.
-        let mut batch: Vec<E> = Vec::new();
+        let mut batch: Batch<E> = Batch::default();
         let mut handling = d.handler.map(|handler| Handling {
             borrows: handler.borrows(),
             handler,

@@ -3,8 +3,9 @@
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
+use super::batch::{Batch, MAX_BATCH, MessageEvent};
 use super::config::Mode;
-use super::delivery::{Handling, MAX_BATCH};
+use super::delivery::Handling;
 use super::inbound::Inbound;
 use super::liveness::bump;
 use super::reader::{FrameReader, Step};
@@ -13,9 +14,9 @@ use crate::protocol::message as wire;
 use crate::reason::DisconnectReason;
 use crate::request::Request;
 
-impl<E, M, R> Inbound<'_, E, M, R>
+impl<E, R> Inbound<'_, E, R>
 where
-    M: Fn(Message) -> E,
+    E: MessageEvent,
     R: Fn(Request) -> E,
 {
     /// The fast path for messages: every message already complete in the read buffer goes
@@ -29,8 +30,8 @@ where
     /// second of going round `run`'s loop, measured).
     ///
     /// Returns when the buffer holds no complete frame or the batch is nearly full (`run`
-    /// hands it over); or leaves in `held` a frame that needs the general path (not a
-    /// message, or a decoding error, which that path reports); or leaves in `h.reply` a
+    /// hands it over); or leaves a frame that needs the general path (not a message) in
+    /// `held` or in the read buffer; or fails on a message that breaks the rules; or leaves in `h.reply` a
     /// reply that found the queue full (under `Wait`: `run` waits for room, reading nothing
     /// meanwhile). The caller checks that there is no rate limit and no late hello to watch
     /// for, and, with a handler, no event waiting in the batch, which this path does not
@@ -39,19 +40,78 @@ where
         &self,
         reader: &mut FrameReader<RD>,
         held: &mut Option<Bytes>,
-        batch: &mut Vec<E>,
-        mut handling: Option<&mut Handling<'_>>,
+        batch: &mut Batch<E>,
+        handling: Option<&mut Handling<'_>>,
     ) -> Result<(), DisconnectReason> {
-        if let Some(h) = handling.as_deref_mut()
-            && h.borrows
-        {
-            return self.lend(reader, h);
+        match handling {
+            None => self.gather(reader, batch),
+            Some(h) if h.borrows => self.lend(reader, h),
+            Some(h) => self.hand(reader, held, h),
         }
+    }
+
+    /// [`drain`](Self::drain) without a handler: the messages join the batch as one run,
+    /// split off the read buffer at once (see [`Batch`] for why). Leaves a frame that is not
+    /// a message in the buffer for the general path, and stops before the batch is full.
+    fn gather<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+        batch: &mut Batch<E>,
+    ) -> Result<(), DisconnectReason> {
+        let room = MAX_BATCH.saturating_sub(batch.len() + 1);
+        if room == 0 {
+            return Ok(());
+        }
+        let (mut bytes, mut result) = (0u64, Ok(()));
+        let mut run = batch.run(&self.batch_hint);
+        let (frames, buffer) = reader.take_frames(|at, frame| {
+            let (kind, start, len) = if self.mode == Mode::Tutorial {
+                (MessageKind::Untyped, at, frame.len())
+            } else if let Some(kind) = wire::message_kind(frame) {
+                match self.checked_body(frame, kind) {
+                    // The body is a slice of the frame: its offset in the run follows.
+                    Ok(body) => (
+                        kind.into(),
+                        at + (body.as_ptr() as usize - frame.as_ptr() as usize),
+                        body.len(),
+                    ),
+                    Err(reason) => {
+                        result = Err(reason);
+                        return Step::Leave;
+                    }
+                }
+            } else {
+                return Step::Leave;
+            };
+            if !run.push(kind, start, len) {
+                // Beyond a run's 32-bit offsets: the general path takes it alone.
+                return Step::Leave;
+            }
+            bytes += len as u64;
+            if let Some(acks) = self.acks {
+                acks.add_bytes(len);
+            }
+            if run.len() >= room {
+                Step::Last
+            } else {
+                Step::Next
+            }
+        });
+        // A session counts these once the batch is handed over (`flush`).
+        run.finish(buffer, self.message_tag);
+        self.count_pass(frames as u64, frames as u64, bytes);
+        result
+    }
+
+    /// [`drain`](Self::drain) for a handler that takes messages by value.
+    fn hand<RD: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<RD>,
+        held: &mut Option<Bytes>,
+        h: &mut Handling<'_>,
+    ) -> Result<(), DisconnectReason> {
         let (mut frames, mut messages, mut bytes) = (0u64, 0u64, 0u64);
         let result = loop {
-            if handling.is_none() && batch.len() + 1 >= MAX_BATCH {
-                break Ok(());
-            }
             let Ok(Some(frame)) = reader.try_frame() else {
                 // No complete frame, or an error the general path reads again and reports.
                 break Ok(());
@@ -74,11 +134,6 @@ where
             if let Some(acks) = self.acks {
                 acks.add_bytes(len);
             }
-            let Some(h) = handling.as_deref_mut() else {
-                // A session counts these once the batch is handed over (`flush`).
-                self.push_event(batch, (self.on_message)(message));
-                continue;
-            };
             let reply = h.call(message);
             if let Some(acks) = self.acks {
                 acks.received_one();

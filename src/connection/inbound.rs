@@ -7,6 +7,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::batch::{Batch, MessageEvent};
 use super::config::{Bucket, Mode};
 use super::control::Control;
 use super::delivery::Handling;
@@ -20,7 +21,7 @@ use crate::request::{Pending, Request};
 use crate::session::Acks;
 
 /// The receiving half of `drive`: turns frames into events, answers pings, routes responses.
-pub(super) struct Inbound<'a, E, M, R> {
+pub(super) struct Inbound<'a, E, R> {
     pub(super) mode: Mode,
     pub(super) max_body: usize,
     /// See [`Drive::refuse_late_hello`](super::Drive::refuse_late_hello); cleared after the
@@ -28,8 +29,9 @@ pub(super) struct Inbound<'a, E, M, R> {
     pub(super) refuse_late_hello: std::sync::atomic::AtomicBool,
     /// The rate limit's state (a mutex only to be `Sync`: one task uses it).
     pub(super) bucket: Option<std::sync::Mutex<Bucket>>,
-    pub(super) events: &'a mpsc::Sender<Vec<E>>,
-    pub(super) on_message: &'a M,
+    pub(super) events: &'a mpsc::Sender<Batch<E>>,
+    /// See [`Drive::message_tag`](super::Drive::message_tag).
+    pub(super) message_tag: u64,
     pub(super) on_request: &'a R,
     pub(super) reply: &'a OutboxSender,
     pub(super) pending: &'a Pending,
@@ -52,9 +54,9 @@ pub(super) struct Inbound<'a, E, M, R> {
     pub(super) batch_hint: std::sync::atomic::AtomicUsize,
 }
 
-impl<E, M, R> Inbound<'_, E, M, R>
+impl<E, R> Inbound<'_, E, R>
 where
-    M: Fn(Message) -> E,
+    E: MessageEvent,
     R: Fn(Request) -> E,
 {
     /// Reads until the stream ends or breaks the rules.
@@ -65,7 +67,7 @@ where
         &self,
         reader: &mut FrameReader<RD>,
         held: &mut Option<Bytes>,
-        batch: &mut Vec<E>,
+        batch: &mut Batch<E>,
         clock: &mut Option<FrameClock>,
         handling: &mut Option<Handling<'_>>,
     ) -> DisconnectReason {
@@ -139,8 +141,10 @@ where
                     continue;
                 }
                 if self.waits(batch) {
-                    let (event, len) =
-                        ((self.on_message)(Message::untyped(raw.clone())), raw.len());
+                    let (event, len) = (
+                        E::message_event(self.message_tag, Message::untyped(raw.clone())),
+                        raw.len(),
+                    );
                     if let Err(reason) = self.deliver(held, event, len, batch).await {
                         return reason;
                     }
@@ -149,7 +153,12 @@ where
                     // read buffer's reference count per message.
                     let frame = held.take().expect("held frame");
                     let len = frame.len();
-                    self.accept(held, (self.on_message)(Message::untyped(frame)), len, batch);
+                    self.accept(
+                        held,
+                        E::message_event(self.message_tag, Message::untyped(frame)),
+                        len,
+                        batch,
+                    );
                 }
                 continue;
             }
@@ -172,7 +181,7 @@ where
                 let len = body.len();
                 self.accept(
                     held,
-                    (self.on_message)(Message::from_wire(kind, body)),
+                    E::message_event(self.message_tag, Message::from_wire(kind, body)),
                     len,
                     batch,
                 );
@@ -199,7 +208,7 @@ where
                 Err(e) => return DisconnectReason::Protocol(e.to_string()),
                 Ok(Frame::Message { kind, body }) => {
                     let len = body.len();
-                    let event = (self.on_message)(Message::from_wire(kind, body));
+                    let event = E::message_event(self.message_tag, Message::from_wire(kind, body));
                     if self.waits(batch) {
                         if let Err(reason) = self.deliver(held, event, len, batch).await {
                             return reason;

@@ -19,8 +19,11 @@
 //!   (`Outcome`); the farewell `CLOSE` frame.
 //! - `inbound.rs`: `Inbound`, the receiving half: the general loop over every kind of frame.
 //! - `fast_path.rs`: `Inbound`'s fast path for runs of messages already in the read buffer.
-//! - `delivery.rs`: `Inbound`'s way to the application: batches of events (`MAX_BATCH`),
-//!   or the connection's handler (`Handling`) and its replies, after the rate limit.
+//! - `delivery.rs`: `Inbound`'s way to the application: batches of events, or the
+//!   connection's handler (`Handling`) and its replies, after the rate limit.
+//! - `batch.rs`: `Batch`, what travels to the event stream (`MAX_BATCH` events; a run of
+//!   messages as one slice of the read buffer), and `Ready`, which makes the run's events on
+//!   the application's side.
 //! - `outbound.rs`: the sending half: the write loop, the close's drain, the encoding of
 //!   queued items.
 //! - `control.rs`: `Control`, the control frames the reader leaves for the writer, and
@@ -36,6 +39,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
+mod batch;
 mod config;
 mod control;
 mod delivery;
@@ -47,6 +51,7 @@ mod outbound;
 mod reader;
 mod writer;
 
+pub(crate) use batch::{Batch, MessageEvent, Ready};
 pub use config::{Heartbeat, Mode, RateAction, RateLimit};
 pub(crate) use control::Replies;
 pub(crate) use drive::{CloseOrder, Drive, drive};

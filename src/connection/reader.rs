@@ -59,6 +59,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// [`try_frame`](Self::try_frame) to report.
     #[inline]
     pub(crate) fn for_each_frame(&mut self, mut f: impl FnMut(&[u8]) -> Step) -> usize {
+        let (taken, at) = self.walk(|_, frame| f(frame));
+        bytes::Buf::advance(self.inner.read_buffer_mut(), at);
+        taken
+    }
+
+    /// [`for_each_frame`](Self::for_each_frame), with each frame's offset in the frames
+    /// taken, which are split off the read buffer as one `Bytes` and returned with their
+    /// count: one reference-count operation for the whole run, instead of one per frame.
+    #[inline]
+    pub(crate) fn take_frames(&mut self, f: impl FnMut(usize, &[u8]) -> Step) -> (usize, Bytes) {
+        let (taken, at) = self.walk(f);
+        if at == 0 {
+            return (0, Bytes::new());
+        }
+        (taken, self.inner.read_buffer_mut().split_to(at).freeze())
+    }
+
+    /// The walk of both: calls `f` with each complete frame's offset and payload while it
+    /// says so; returns the frames taken and where they end. Moves nothing.
+    #[inline]
+    fn walk(&mut self, mut f: impl FnMut(usize, &[u8]) -> Step) -> (usize, usize) {
         let max = self.inner.decoder().max_frame();
         let buf = self.inner.read_buffer_mut();
         let (mut at, mut taken) = (0, 0);
@@ -67,7 +88,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if buf.len() < end {
                 break;
             }
-            let step = f(&buf[at + HEADER_LEN..end]);
+            let step = f(at + HEADER_LEN, &buf[at + HEADER_LEN..end]);
             if step == Step::Leave {
                 break;
             }
@@ -77,8 +98,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 break;
             }
         }
-        bytes::Buf::advance(buf, at);
-        taken
+        (taken, at)
     }
 
     /// Bytes received but not yet handed out (part of a frame still arriving).

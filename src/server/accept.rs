@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::task::serve_stream;
 use super::{Inner, ServerConfig, ServerEvent, stats};
+use crate::connection::Batch;
 use crate::{Error, Result};
 
 /// A listener with a backlog larger than `TcpListener::bind`'s 128.
@@ -37,7 +38,7 @@ pub(super) fn listen_on(config: &ServerConfig) -> Result<TcpListener> {
 pub(super) async fn accept_loop(
     inner: Arc<Inner>,
     listener: TcpListener,
-    events: mpsc::Sender<Vec<ServerEvent>>,
+    events: mpsc::Sender<Batch<ServerEvent>>,
 ) {
     let limit = Arc::new(Semaphore::new(inner.config.max_connections));
     let per_ip = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
@@ -141,7 +142,7 @@ pub(super) async fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
-    events: mpsc::Sender<Vec<ServerEvent>>,
+    events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
 ) {
     // Our writes are batched already; Nagle's algorithm would only add latency.
@@ -162,7 +163,7 @@ pub(super) async fn serve_tls(
     inner: Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
-    events: mpsc::Sender<Vec<ServerEvent>>,
+    events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
 ) {
     let Some(tls) = &inner.config.tls else {

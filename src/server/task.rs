@@ -15,7 +15,9 @@ use super::events::emit;
 use super::park::{Suspension, claim, end_transfers, lock_transfers, resume};
 use super::registry::{Parked, Peer, SessionKey};
 use super::{ClientId, Inner, ProtocolMode, ServerEvent, registry};
-use crate::connection::{Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive};
+use crate::connection::{
+    Batch, Connection, Drive, FrameReader, FrameWriter, HEAD_ROOM, Mode, drive,
+};
 use crate::outbox::outbox;
 use crate::protocol::message::{RejectCode, SessionGrant, SessionRequest};
 use crate::reason::DisconnectReason;
@@ -29,7 +31,7 @@ pub(super) async fn serve_stream<S>(
     inner: Arc<Inner>,
     stream: S,
     addr: SocketAddr,
-    events: mpsc::Sender<Vec<ServerEvent>>,
+    events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
     cert_name: Option<String>,
 ) where
@@ -269,7 +271,7 @@ pub(super) async fn serve_stream<S>(
 fn start_transfers(
     inner: &Arc<Inner>,
     handle: &registry::ClientHandle,
-    events: &mpsc::Sender<Vec<ServerEvent>>,
+    events: &mpsc::Sender<Batch<ServerEvent>>,
 ) {
     let config = &inner.config;
     let client = handle.id;
@@ -288,7 +290,7 @@ fn start_transfers(
         Box::pin(async move {
             if let Some(events) = events {
                 let _ = events
-                    .send(vec![ServerEvent::transfer(client, event)])
+                    .send(Batch::from(ServerEvent::transfer(client, event)))
                     .await;
             }
         })
@@ -357,7 +359,7 @@ pub(super) async fn run_client<R, W>(
     inner: Arc<Inner>,
     link: Link<R, W>,
     kept: Kept,
-    events: mpsc::Sender<Vec<ServerEvent>>,
+    events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
 ) where
     R: AsyncRead + Unpin,
@@ -388,7 +390,7 @@ pub(super) async fn run_client<R, W>(
             reply: &handle.outbox,
             pending: &handle.pending,
             events: &events,
-            on_message: |message| ServerEvent::Message { client, message },
+            message_tag: client.0,
             on_request: |request| ServerEvent::Request { client, request },
             traffic: &handle.traffic,
             close: &close,
@@ -458,7 +460,7 @@ pub(super) async fn run_client<R, W>(
 /// Counts a client's departure and reports it (`Disconnected`).
 async fn departed(
     inner: &Inner,
-    events: &mpsc::Sender<Vec<ServerEvent>>,
+    events: &mpsc::Sender<Batch<ServerEvent>>,
     handle: &registry::ClientHandle,
     reason: DisconnectReason,
 ) {
@@ -475,7 +477,7 @@ async fn watch_parked(
     handle: &registry::ClientHandle,
     parking: u64,
     grace: std::time::Duration,
-    events: &mpsc::Sender<Vec<ServerEvent>>,
+    events: &mpsc::Sender<Batch<ServerEvent>>,
 ) -> Option<DisconnectReason> {
     let client = handle.id;
     let expiry = tokio::time::sleep(grace);

@@ -99,7 +99,11 @@ impl Drop for Counter {
 pub(super) struct Load {
     /// `None` when serving normally.
     pub(super) mode: Option<LoadMode>,
+    /// What the handlers count (without `--events`).
     pub(super) counts: Arc<Counts>,
+    /// What this loop counts on the event stream: plain numbers, as an application counts
+    /// what it receives; the rate and totals read them in the same task.
+    seen: (u64, u64),
     /// The counts at the last rate line.
     reported: (u64, u64),
     /// When the last rate line was printed.
@@ -117,6 +121,7 @@ impl Load {
         Self {
             mode,
             counts: Arc::default(),
+            seen: (0, 0),
             reported: (0, 0),
             since: tokio::time::Instant::now(),
         }
@@ -133,7 +138,8 @@ impl Load {
         let (Some(mode), ServerEvent::Message { client, message }) = (self.mode, &event) else {
             return Some(event);
         };
-        self.counts.add(1, message.len() as u64);
+        self.seen.0 += 1;
+        self.seen.1 += message.len() as u64;
         match mode {
             LoadMode::Discard => {}
             // A client that left meanwhile is no error for a benchmark target.
@@ -181,8 +187,8 @@ impl Load {
     /// Messages and bytes counted so far.
     fn totals(&self) -> (u64, u64) {
         (
-            self.counts.messages.load(Ordering::Relaxed),
-            self.counts.bytes.load(Ordering::Relaxed),
+            self.counts.messages.load(Ordering::Relaxed) + self.seen.0,
+            self.counts.bytes.load(Ordering::Relaxed) + self.seen.1,
         )
     }
 }
