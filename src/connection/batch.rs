@@ -24,6 +24,18 @@ use crate::message::{Message, MessageKind};
 /// of per message, which is most of the cost of small messages.
 pub(crate) const MAX_BATCH: usize = 256;
 
+/// Largest message of a run copied into a buffer of its own, rather than sliced from the
+/// run's buffer, when the event stream makes its event.
+///
+/// A slice raises the buffer's reference count, and dropping it lowers the count: two
+/// atomic operations per message. A small copy costs an allocation and a free on the
+/// application's thread, which the allocator does without an atomic operation: 64-byte
+/// messages on the event stream took about 5 % less CPU time per message copied (median of
+/// 5 alternated runs). Larger messages stay zero-copy. (Not so for a handler taking
+/// messages by value in the connection's task: there the copy measured slower than the
+/// count, which no other thread touches.)
+pub(crate) const COPY_MAX: usize = 256;
+
 /// An event type that carries received messages: how a message received from `tag` (the
 /// server's client id) becomes an event. A trait rather than a closure in the connection, so
 /// that the event stream makes the events of a run itself, on the application's side, and
@@ -210,7 +222,12 @@ impl<E: MessageEvent> Iterator for Ready<E> {
                     let span = self.spans[self.next];
                     self.next += 1;
                     let (start, len) = (span.start as usize, span.len as usize);
-                    let payload = buffer.slice(start..start + len);
+                    // Made here, on the application's thread, which also drops it.
+                    let payload = if len <= COPY_MAX {
+                        Bytes::copy_from_slice(&buffer[start..start + len])
+                    } else {
+                        buffer.slice(start..start + len)
+                    };
                     let message = Message::from_parts(span.kind, payload);
                     return Some(E::message_event(*tag, message));
                 }

@@ -127,6 +127,21 @@ impl Load {
         }
     }
 
+    /// Counts a message under `--discard` without a future: gives back every other event,
+    /// for [`take`](Self::take). (The main loop's `.await` on `take` moved each event into
+    /// the future's state and out again: a sixth of the loop's time with 64-byte messages.)
+    #[inline]
+    pub(super) fn discard(&mut self, event: ServerEvent) -> Option<ServerEvent> {
+        match (self.mode, event) {
+            (Some(LoadMode::Discard), ServerEvent::Message { message, .. }) => {
+                self.seen.0 += 1;
+                self.seen.1 += message.len() as u64;
+                None
+            }
+            (_, event) => Some(event),
+        }
+    }
+
     /// Handles a message in a benchmark mode; gives back every other event (and every event
     /// when serving normally) to be printed.
     #[inline]

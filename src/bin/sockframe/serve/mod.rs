@@ -143,7 +143,9 @@ pub async fn run(args: Args) -> Result<()> {
                     let mut next = Some(event);
                     let mut taken = 0;
                     while let Some(event) = next {
-                        if let Some(event) = load.take(&server, event).await.and_then(accept_offer) {
+                        if let Some(event) = load.discard(event)
+                            && let Some(event) = load.take(&server, event).await.and_then(accept_offer)
+                        {
                             print_line(&print.event(&event)).context("failed to write to stdout")?;
                             load.answer(event).await;
                         }
