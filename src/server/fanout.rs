@@ -355,3 +355,92 @@ fn stamps(positions: &HashMap<u64, u64>) -> Vec<Stamp> {
         .map(|(&origin, &seq)| Stamp { origin, seq })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(origin: u64, seq: u64) -> Stamp {
+        Stamp { origin, seq }
+    }
+
+    /// One stamped fan-out's bookkeeping (no clients): whom it would skip.
+    fn fan_out(f: &Fanout, origin: u64, seq: u64) -> Vec<ClientId> {
+        let begun = f.begin(
+            stamp(origin, seq),
+            &Message::text(format!("{origin}:{seq}")),
+            None,
+        );
+        let skip = begun.skip.clone();
+        f.done(begun, stamp(origin, seq), &[]);
+        skip
+    }
+
+    #[test]
+    fn a_claimed_session_gets_the_captured_broadcasts_past_its_watermarks_and_skips_the_rest() {
+        let f = Fanout::new(OutboxLimits::default());
+        let x = ClientId(7);
+        fan_out(&f, 1, 1);
+        fan_out(&f, 2, 5);
+        let mut positions = f.start_capture(x);
+        positions.sort_by_key(|s| s.origin);
+        assert_eq!(positions, [stamp(1, 1), stamp(2, 5)]);
+        // Fanned out while the claim is on its way: 1:2, 1:3, 2:6, and one that skips x.
+        fan_out(&f, 1, 2);
+        fan_out(&f, 2, 6);
+        fan_out(&f, 1, 3);
+        let begun = f.begin(stamp(3, 1), &Message::text("3:1"), Some(x));
+        f.done(begun, stamp(3, 1), &[]);
+        // The old node had given it up to 1:2 and 2:9 (ahead of this node for origin 2).
+        let lacking = f
+            .hand_in(x, &[stamp(1, 2), stamp(2, 9)], |lacking| lacking)
+            .unwrap();
+        let texts: Vec<_> = lacking.iter().map(|m| m.as_text().unwrap()).collect();
+        assert_eq!(texts, ["1:3"]);
+        // Origin 2's broadcasts up to 9 skip it; then nothing does, and no skip is left.
+        assert_eq!(fan_out(&f, 2, 7), [x]);
+        assert_eq!(fan_out(&f, 1, 4), []);
+        assert_eq!(fan_out(&f, 2, 9), [x]);
+        assert_eq!(fan_out(&f, 2, 10), []);
+        assert!(f.state().skips.is_empty());
+        assert!(f.state().captures.is_empty());
+    }
+
+    #[test]
+    fn a_capture_that_outgrows_the_queue_fails_the_claim() {
+        let f = Fanout::new(OutboxLimits {
+            messages: 2,
+            bytes: 1 << 20,
+        });
+        let x = ClientId(7);
+        f.start_capture(x);
+        for seq in 1..=3 {
+            fan_out(&f, 1, seq);
+        }
+        assert!(f.hand_in(x, &[], |_| ()).is_err());
+        assert!(f.state().captures.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_old_node_waits_for_its_own_broadcast_in_progress() {
+        let f = std::sync::Arc::new(Fanout::new(OutboxLimits::default()));
+        fan_out(&f, 1, 1);
+        let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+        // Another origin's position is not waited for (it reached this node first or never).
+        assert!(f.settle(1, &[stamp(1, 1), stamp(2, 99)], soon).await);
+        // Its own broadcast 2 is numbered (the turn is held) and not fanned out yet.
+        let turn = f.turn.lock().await;
+        assert!(!f.settle(1, &[stamp(1, 2)], soon).await);
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let later = tokio::time::Instant::now() + Duration::from_secs(10);
+                f.settle(1, &[stamp(1, 2)], later).await
+            })
+        };
+        tokio::task::yield_now().await;
+        fan_out(&f, 1, 2);
+        drop(turn);
+        assert!(waiter.await.unwrap());
+    }
+}
