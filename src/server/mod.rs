@@ -275,6 +275,11 @@ impl Server {
     /// One buffer is shared by all recipients (no copy per client). A client whose queue is
     /// full is handled by [`ServerConfig::broadcast_policy`]; with `Wait`, the full ones are
     /// waited on together, after the others already have the message.
+    ///
+    /// In a cluster it reaches the clients of every node, each exactly once (also a client
+    /// whose session is moving between nodes), in the order this node made its broadcasts:
+    /// a node's broadcasts are numbered and made one at a time, so concurrent calls wait
+    /// their turn.
     pub async fn broadcast(&self, msg: impl Into<Message>) -> Result<usize> {
         self.broadcast_filtered(msg.into(), None).await
     }
