@@ -420,6 +420,155 @@ async fn ten_thousand_messages_follow_a_client_moved_between_nodes() {
     assert_eq!(others.len(), 1, "{others:?}");
 }
 
+/// What a broadcast from the test's nodes says: `NODE:INDEX`, or `NODE:end` after the last.
+fn parse_broadcast(text: &str) -> (usize, Option<u64>) {
+    let (node, index) = text.split_once(':').expect("NODE:INDEX");
+    let node = ["a", "b", "c"]
+        .iter()
+        .position(|n| *n == node)
+        .expect("a node");
+    (node, index.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_reach_a_client_moved_between_nodes_exactly_once_in_order() {
+    // Every node broadcasts at a steady pace (four each millisecond) while the client is
+    // moved between them: among them the node it leaves and the node it comes to. Each
+    // broadcast must reach it exactly once, in order per node.
+    const PER_NODE: u64 = 4000;
+    const BURST: u64 = 4;
+    const MOVES: u64 = 8;
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+    let redis = RedisServer::start();
+    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
+    let (b, eb, _) = node_with(&redis, "b", support::config()).await;
+    let (c, ec, _) = node_with(&redis, "c", support::config()).await;
+    let proxy = FaultProxy::start_balancing(
+        vec![a.local_addr(), b.local_addr(), c.local_addr()],
+        FaultConfig::no_cuts(),
+    )
+    .await;
+    let mut client = Client::connect(session_client(proxy.addr())).await.unwrap();
+    let id = next_connected(&mut ea).await;
+    let counters = [
+        count_handed_over(ea),
+        count_handed_over(eb),
+        count_handed_over(ec),
+    ];
+    let broadcasters: Vec<_> = [&a, &b, &c]
+        .into_iter()
+        .zip(NAMES)
+        .map(|(server, name)| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let mut pace = tokio::time::interval(Duration::from_millis(1));
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for i in 0..PER_NODE {
+                    if i % BURST == 0 {
+                        pace.tick().await;
+                    }
+                    server
+                        .broadcast(Message::text(format!("{name}:{i}")))
+                        .await
+                        .unwrap_or_else(|e| panic!("broadcast {name}:{i}: {e}"));
+                }
+                server
+                    .broadcast(Message::text(format!("{name}:end")))
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+
+    let mut next = [0u64; 3]; // the index expected next from each node
+    let mut ended = [false; 3];
+    let mut resumed = 0;
+    let mut away: Option<Instant> = None; // when the client saw its connection drop
+    let mut outages = Vec::new(); // from that to its resume on the next node
+    let mut seen = Vec::new();
+    while ended.iter().any(|e| !e) || resumed < MOVES {
+        let got: u64 = next.iter().sum();
+        if got >= (resumed + 1) * (3 * PER_NODE / (MOVES + 1))
+            && resumed < MOVES
+            && proxy.cuts() <= resumed
+        {
+            proxy.cut_all();
+        }
+        let event = timeout(WAIT, client.recv())
+            .await
+            .unwrap_or_else(|_| panic!("client: nothing more after {next:?} (lost?); saw {seen:?}"))
+            .expect("client events");
+        match event {
+            ClientEvent::Message(m) => {
+                let text = m.as_text().expect("text").to_string();
+                let (node, index) = parse_broadcast(&text);
+                let name = NAMES[node];
+                match index {
+                    Some(i) => {
+                        assert!(
+                            i >= next[node],
+                            "duplicated or reordered: {text} after {name}:{} (moves so far {resumed}; saw {seen:?})",
+                            next[node] - 1
+                        );
+                        assert!(
+                            i == next[node],
+                            "lost: {name}:{}..{name}:{} before {text} (moves so far {resumed}; saw {seen:?})",
+                            next[node],
+                            i - 1
+                        );
+                        next[node] += 1;
+                    }
+                    None => {
+                        assert_eq!(next[node], PER_NODE, "lost {name}'s last broadcasts");
+                        assert!(!ended[node], "{text} twice");
+                        ended[node] = true;
+                    }
+                }
+                continue;
+            }
+            ClientEvent::Resumed { .. } => {
+                resumed += 1;
+                if let Some(at) = away.take() {
+                    outages.push(at.elapsed());
+                }
+            }
+            ClientEvent::Disconnected { .. } => away = Some(Instant::now()),
+            ClientEvent::Reconnecting { .. } => {}
+            ClientEvent::Connected { .. } if resumed == 0 && proxy.cuts() == 0 => {}
+            ref other => panic!("client: unexpected {other:?} at {next:?}; saw {seen:?}"),
+        }
+        seen.push(format!("{event:?} at {next:?}"));
+    }
+    for broadcaster in broadcasters {
+        timeout(WAIT, broadcaster).await.unwrap().unwrap();
+    }
+    outages.sort();
+    eprintln!(
+        "hand-over as the client sees it (drop noticed → resumed on the next node), {} moves: min {:?}, median {:?}, max {:?}",
+        outages.len(),
+        outages.first(),
+        outages.get(outages.len() / 2),
+        outages.last()
+    );
+    let holder = [&a, &b, &c]
+        .into_iter()
+        .filter(|n| n.local_clients().iter().any(|c| c.id == id))
+        .count();
+    assert_eq!(holder, 1, "exactly one node holds the client");
+    let _ = client.close().await;
+    for server in [&a, &b, &c] {
+        server.shutdown().await;
+    }
+    let (mut handed, mut others) = (0, Vec::new());
+    for counter in counters {
+        let (h, o) = timeout(WAIT, counter).await.unwrap().unwrap();
+        handed += h;
+        others.extend(o);
+    }
+    assert!(handed >= MOVES, "sessions handed over: {handed}");
+    assert_eq!(others.len(), 1, "{others:?}");
+}
+
 #[tokio::test]
 async fn a_session_whose_node_died_is_reported_expired_on_the_new_node() {
     let redis = RedisServer::start();

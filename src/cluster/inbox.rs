@@ -20,7 +20,7 @@ use super::{Shared, node_channel};
 use std::time::Instant;
 
 use crate::Error;
-use crate::server::{ClientId, SessionClaim};
+use crate::server::{ClientId, SessionClaim, Stamp};
 
 /// Bytes of pushes queued at most.
 pub(crate) const MAX_QUEUED_BYTES: usize = 32 << 20;
@@ -153,9 +153,18 @@ async fn handle(shared: &Arc<Shared>, packet: Packet) {
                 .publish(node_channel(&shared.config.prefix, from), &ack)
                 .await;
         }
-        Packet::Broadcast { from, except, msg } => {
+        Packet::Broadcast {
+            from,
+            seq,
+            except,
+            msg,
+        } => {
+            // Each origin's broadcasts in their order (this task takes them one at a time).
             if from != shared.number {
-                server.broadcast_local(msg, except.map(ClientId)).await;
+                let stamp = Stamp { origin: from, seq };
+                server
+                    .broadcast_stamped(msg, except.map(ClientId), stamp)
+                    .await;
             }
         }
         Packet::Request {

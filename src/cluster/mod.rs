@@ -583,10 +583,20 @@ impl Peers for Cluster {
         })
     }
 
-    fn broadcast(&self, msg: Message, except: Option<ClientId>) -> BoxFuture<'_, Result<()>> {
+    fn broadcast_origin(&self) -> u64 {
+        self.shared.number
+    }
+
+    fn broadcast(
+        &self,
+        msg: Message,
+        except: Option<ClientId>,
+        seq: u64,
+    ) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let packet = Packet::Broadcast {
                 from: self.shared.number,
+                seq,
                 except: except.map(|c| c.0),
                 msg,
             };

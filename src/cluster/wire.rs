@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | 1 | `Send` | from node u64, correlation u64, client u64, message |
 //! | 2 | `Ack` | correlation u64, outcome (0 ok, or a failure) |
-//! | 3 | `Broadcast` | from node u64, except client u64 (0: none), message |
+//! | 3 | `Broadcast` | from node u64, its number among that node's broadcasts u64, except client u64 (0: none), message |
 //! | 4 | `Request` | from node u64, correlation u64, client u64, message |
 //! | 5 | `Response` | correlation u64, outcome (0 then the message, or a failure) |
 //! | 6 | `Claim` | from node u64, correlation u64, client u64, the server's session claim |
@@ -37,9 +37,11 @@ pub(crate) enum Packet {
         corr: u64,
         outcome: Result<(), Failure>,
     },
-    /// Deliver `msg` to every local client but `except`.
+    /// Deliver `msg` to every local client but `except`; broadcast number `seq` of node
+    /// `from` (each node's broadcasts are numbered 1, 2, ... in the order it publishes them).
     Broadcast {
         from: u64,
+        seq: u64,
         except: Option<u64>,
         msg: Message,
     },
@@ -123,9 +125,15 @@ impl Packet {
                     Err(f) => put_failure(&mut out, f),
                 }
             }
-            Packet::Broadcast { from, except, msg } => {
+            Packet::Broadcast {
+                from,
+                seq,
+                except,
+                msg,
+            } => {
                 out.put_u8(3);
                 out.put_u64_le(*from);
+                out.put_u64_le(*seq);
                 out.put_u64_le(except.unwrap_or(0));
                 put_message(&mut out, msg);
             }
@@ -218,10 +226,11 @@ impl Packet {
                 Packet::Ack { corr, outcome }
             }
             3 => {
-                let from = r.u64()?;
+                let (from, seq) = (r.u64()?, r.u64()?);
                 let except = Some(r.u64()?).filter(|&e| e != 0);
                 Packet::Broadcast {
                     from,
+                    seq,
                     except,
                     msg: r.message()?,
                 }
@@ -388,11 +397,13 @@ mod tests {
         });
         round_trip(Packet::Broadcast {
             from: 1,
+            seq: 1,
             except: None,
             msg: Message::binary(vec![0u8, 255, 7]),
         });
         round_trip(Packet::Broadcast {
             from: 1,
+            seq: u64::MAX,
             except: Some(42),
             msg: Message::untyped(&b"raw"[..]),
         });

@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::park::{self, end_transfers};
+use super::peers::Stamp;
 use super::registry::Parked;
 use super::{ClientId, Server};
 use crate::message::Message;
@@ -39,8 +40,8 @@ use crate::outgoing::Outgoing;
 use crate::protocol::message::{self as wire, Frame, SessionToken};
 use crate::{Error, Result};
 
-/// Version byte in front of both encodings.
-const FORMAT: u8 = 1;
+/// Version byte in front of both encodings (2: with broadcast positions and watermarks).
+const FORMAT: u8 = 2;
 
 /// A request to hand a session over: who asks, with what.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct SessionClaim {
     pub(super) token: SessionToken,
     /// The credential the resuming connection presents (hello token or certificate name).
     pub(super) principal: Bytes,
+    /// The asking node's broadcast positions when it asked (see `fanout`): the node that
+    /// hands the session over has fanned these out first.
+    pub(super) positions: Vec<Stamp>,
 }
 
 impl std::fmt::Debug for SessionClaim {
@@ -65,9 +69,12 @@ impl SessionClaim {
 
     /// The claim as bytes, for a cluster to carry.
     pub fn to_bytes(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(1 + SessionToken::LEN + self.principal.len());
+        let mut b = BytesMut::with_capacity(
+            1 + SessionToken::LEN + 4 + 16 * self.positions.len() + self.principal.len(),
+        );
         b.put_u8(FORMAT);
         self.token.put(&mut b);
+        put_stamps(&mut b, &self.positions);
         b.put_slice(&self.principal);
         b.freeze()
     }
@@ -79,9 +86,11 @@ impl SessionClaim {
         }
         let token =
             SessionToken::from_bytes(&b.split_to(SessionToken::LEN)[..].try_into().expect("24"));
+        let positions = get_stamps(&mut b).ok_or_else(|| bad("session claim"))?;
         Ok(SessionClaim {
             token,
             principal: b,
+            positions,
         })
     }
 }
@@ -102,6 +111,8 @@ pub struct HandedSession {
     pub(super) queued: Vec<Outgoing>,
     /// The handler's replies not yet written.
     pub(super) replies: Vec<Message>,
+    /// Per origin of broadcasts, the last one the client has had (see `fanout`).
+    pub(super) watermarks: Vec<Stamp>,
 }
 
 impl std::fmt::Debug for HandedSession {
@@ -148,6 +159,7 @@ impl HandedSession {
                 &encode(&Outgoing::Message(reply.clone())).expect("a message"),
             );
         }
+        put_stamps(&mut b, &self.watermarks);
         b.freeze()
     }
 
@@ -175,6 +187,7 @@ impl HandedSession {
                 _ => Err(bad("handler reply")),
             })
             .collect::<Result<_>>()?;
+        let watermarks = get_stamps(r).ok_or_else(|| bad("handed session"))?;
         if sent.checked_sub(acked) != Some(retained.len() as u64) {
             return Err(bad("handed session counters"));
         }
@@ -188,8 +201,36 @@ impl HandedSession {
             retained,
             queued,
             replies,
+            watermarks,
         })
     }
+}
+
+/// A list of stamps: a `u32` count, then each as two `u64`s.
+fn put_stamps(b: &mut BytesMut, stamps: &[Stamp]) {
+    b.put_u32_le(stamps.len() as u32);
+    for s in stamps {
+        b.put_u64_le(s.origin);
+        b.put_u64_le(s.seq);
+    }
+}
+
+fn get_stamps(b: &mut Bytes) -> Option<Vec<Stamp>> {
+    if b.len() < 4 {
+        return None;
+    }
+    let n = b.get_u32_le() as usize;
+    if b.len() / 16 < n {
+        return None;
+    }
+    Some(
+        (0..n)
+            .map(|_| Stamp {
+                origin: b.get_u64_le(),
+                seq: b.get_u64_le(),
+            })
+            .collect(),
+    )
 }
 
 fn bad(what: &str) -> Error {
@@ -290,21 +331,45 @@ impl Server {
             tracing::warn!(%client, "hand-over asked with a wrong token or by another principal");
             return Err(unknown());
         }
+        let within = within.min(inner.config.handshake_timeout);
+        let deadline = tokio::time::Instant::now() + within;
+        // The broadcasts the asker had fanned out when it asked are fanned out here first
+        // (they reached this node before the claim did; this node's own may be in the
+        // middle of their fan-out), so that the client has each from one node or the other.
+        let own = inner.config.cluster.as_ref().map(|p| p.broadcast_origin());
+        let settled = match own {
+            Some(own) => inner.fanout.settle(own, &claim.positions, deadline).await,
+            None => true,
+        };
+        if !settled {
+            tracing::warn!(%client, "hand-over: this node's broadcast did not end in time");
+            return Err(Error::Timeout(within));
+        }
         let Parked {
             mut session,
             mut outbox,
             registration,
             handler,
             replies,
-        } = park::take_parked_within(&handle, within.min(inner.config.handshake_timeout))
-            .await
-            .map_err(|_| Error::Timeout(within))?;
+        } = park::take_parked_within(
+            &handle,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await
+        .map_err(|_| Error::Timeout(within))?;
         // The old node's watch over the parked session reports the departure.
         handle.mark_handed_over();
         handle.wake_watches();
         // Closed first, then emptied: a send that races this fails (and a cluster forwards
-        // it to the new node) instead of landing in a queue nobody reads.
-        let queued = outbox.close_and_drain().into();
+        // it to the new node) instead of landing in a queue nobody reads. With no broadcast
+        // in the middle of its fan-out: the watermarks say what the client has had.
+        let (queued, watermarks, waited) = inner.fanout.close(&handle, || outbox.close_and_drain());
+        let mut queued: Vec<Outgoing> = queued.into();
+        if waited {
+            // A broadcast was waiting for room in the full queue: it goes last.
+            let missed = inner.fanout.missed(client, deadline).await;
+            queued.extend(missed.into_iter().map(Outgoing::Message));
+        }
         let retained = session.retained.take_frames();
         let mut unwritten = Vec::new();
         while let Some(reply) = replies.pop() {
@@ -323,6 +388,7 @@ impl Server {
             retained,
             queued,
             replies: unwritten,
+            watermarks,
         };
         tracing::info!(%client, sent = handed.sent, acked = handed.acked, queued = handed.queued.len(), "session handed over to another node");
         // Unregisters the client here; the cluster hears it left.
@@ -357,6 +423,7 @@ mod tests {
                 result: Err((3, "no".into())),
             }],
             replies: vec![Message::text("r")],
+            watermarks: vec![Stamp { origin: 2, seq: 9 }, Stamp { origin: 5, seq: 1 }],
         };
         let back = HandedSession::from_bytes(handed.to_bytes()).unwrap();
         assert!(back.token.matches(&token));
@@ -368,6 +435,7 @@ mod tests {
         );
         assert_eq!(format!("{:?}", back.queued), format!("{:?}", handed.queued));
         assert_eq!(back.replies, handed.replies);
+        assert_eq!(back.watermarks, handed.watermarks);
         let bytes = handed.to_bytes();
         for n in 0..bytes.len() {
             assert!(HandedSession::from_bytes(bytes.slice(..n)).is_err(), "{n}");
@@ -375,6 +443,7 @@ mod tests {
         let claim = SessionClaim {
             token,
             principal: Bytes::from_static(b"p"),
+            positions: vec![Stamp { origin: 1, seq: 40 }],
         };
         assert_eq!(SessionClaim::from_bytes(claim.to_bytes()).unwrap(), claim);
         assert!(SessionClaim::from_bytes(Bytes::from_static(b"\x01short")).is_err());

@@ -39,6 +39,7 @@ mod accept;
 mod admit;
 mod config;
 mod events;
+mod fanout;
 mod handover;
 mod park;
 mod peers;
@@ -58,7 +59,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_PORT, ProtocolMode, ServerConfig};
 pub use handover::{HandedSession, SessionClaim};
-pub use peers::{BoxFuture, Peers};
+pub use peers::{BoxFuture, Peers, Stamp};
 pub use registry::{ClientId, ClientInfo, SessionState};
 pub use stats::{LATENCY_BUCKETS, Refusal, ServerStats};
 
@@ -99,6 +100,8 @@ struct Inner {
     make_handler: Option<crate::handler::MakeHandler>,
     /// Totals counted per event (never per message), for [`Server::stats`].
     counters: stats::Counters,
+    /// A cluster's numbered broadcasts, and the sessions moving between nodes.
+    fanout: fanout::Fanout,
 }
 
 impl std::fmt::Debug for Inner {
@@ -168,6 +171,7 @@ impl Server {
     ) -> Result<(Server, ServerEvents)> {
         let local_addr = listener.local_addr()?;
         let (events_tx, rx) = mpsc::channel(config.event_capacity.max(1));
+        let fanout = fanout::Fanout::new(config.outbox);
         let inner = Arc::new(Inner {
             registry: Arc::new(Registry::new(config.cluster.clone())),
             config,
@@ -179,6 +183,7 @@ impl Server {
             suspended: Default::default(),
             make_handler,
             counters: Default::default(),
+            fanout,
         });
         inner
             .tasks
@@ -270,6 +275,11 @@ impl Server {
     /// One buffer is shared by all recipients (no copy per client). A client whose queue is
     /// full is handled by [`ServerConfig::broadcast_policy`]; with `Wait`, the full ones are
     /// waited on together, after the others already have the message.
+    ///
+    /// In a cluster it reaches the clients of every node, each exactly once (also a client
+    /// whose session is moving between nodes), in the order this node made its broadcasts:
+    /// a node's broadcasts are numbered and made one at a time, so concurrent calls wait
+    /// their turn.
     pub async fn broadcast(&self, msg: impl Into<Message>) -> Result<usize> {
         self.broadcast_filtered(msg.into(), None).await
     }
@@ -286,42 +296,86 @@ impl Server {
 
     async fn broadcast_filtered(&self, msg: Message, except: Option<ClientId>) -> Result<usize> {
         let msg = self.checked(msg)?;
+        let Some(peers) = &self.inner.config.cluster else {
+            return Ok(self.fan_out(msg, except, None).await);
+        };
+        // One at a time, so that this node's broadcasts are numbered, published and fanned
+        // out here in the same order (see `fanout`).
+        let mut turn = self.inner.fanout.turn.lock().await;
+        *turn += 1;
+        let stamp = Stamp {
+            origin: peers.broadcast_origin(),
+            seq: *turn,
+        };
         // Other nodes first: one publish, and each fans out to its own clients while this
         // one does. A cluster that cannot publish fails the call: the local clients still
         // get the message, and the caller learns that the others did not.
-        let remote = match &self.inner.config.cluster {
-            Some(peers) => Some(peers.broadcast(msg.clone(), except).await),
-            None => None,
-        };
-        let delivered = self.broadcast_local(msg, except).await;
-        match remote {
-            Some(Err(e)) => Err(e),
-            _ => Ok(delivered),
-        }
+        let remote = peers.broadcast(msg.clone(), except, stamp.seq).await;
+        let delivered = self.fan_out(msg, except, Some(stamp)).await;
+        drop(turn);
+        remote.map(|()| delivered)
     }
 
-    /// The local half of a broadcast: the clients of this node (for a cluster, also what
-    /// another node's broadcast delivers here). Returns how many it was queued for.
+    /// The local half of a broadcast: the clients of this node. Returns how many it was
+    /// queued for. (In a cluster, a broadcast that another node made reaches this node's
+    /// clients through [`broadcast_stamped`](Self::broadcast_stamped).)
     pub async fn broadcast_local(&self, msg: Message, except: Option<ClientId>) -> usize {
-        let msg = Outgoing::Message(msg);
+        self.fan_out(msg, except, None).await
+    }
+
+    /// The local half of broadcast `stamp` of a cluster, which another node made: what a
+    /// [`Peers`] implementation calls, for each origin in the order of its numbers. A
+    /// client whose session moved here from a node that had already given it this broadcast
+    /// is skipped. Returns how many it was queued for.
+    pub async fn broadcast_stamped(
+        &self,
+        msg: Message,
+        except: Option<ClientId>,
+        stamp: Stamp,
+    ) -> usize {
+        self.fan_out(msg, except, Some(stamp)).await
+    }
+
+    async fn fan_out(&self, msg: Message, except: Option<ClientId>, stamp: Option<Stamp>) -> usize {
+        let fanout = &self.inner.fanout;
+        let item = Outgoing::Message(msg.clone());
         let policy = self.inner.config.broadcast_policy;
         let mut delivered = 0;
         let mut waiting = Vec::new();
-        for handle in self.inner.registry.all() {
-            if Some(handle.id) == except {
-                continue;
+        {
+            // A stamped broadcast's loop runs with no hand-over step in between.
+            let begun = stamp.map(|s| fanout.begin(s, &msg, except));
+            let skip = begun.as_ref().map_or(&[][..], |b| &b.skip[..]);
+            for handle in self.inner.registry.all() {
+                if Some(handle.id) == except || (!skip.is_empty() && skip.contains(&handle.id)) {
+                    continue;
+                }
+                match handle.outbox.try_send(item.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(TrySendError::Closed) => {}
+                    Err(TrySendError::Full) => match policy {
+                        FullPolicy::Disconnect => slow_consumer(&handle),
+                        FullPolicy::Wait => waiting.push(handle),
+                    },
+                }
             }
-            match handle.outbox.try_send(msg.clone()) {
-                Ok(()) => delivered += 1,
-                Err(TrySendError::Closed) => {}
-                Err(TrySendError::Full) => match policy {
-                    FullPolicy::Disconnect => slow_consumer(&handle),
-                    FullPolicy::Wait => waiting.push(handle),
-                },
+            if let (Some(begun), Some(stamp)) = (begun, stamp) {
+                fanout.done(begun, stamp, &waiting);
             }
         }
-        let waited = join_all(waiting.iter().map(|h| h.outbox.send(msg.clone()))).await;
-        delivered += waited.iter().filter(|r| r.is_ok()).count();
+        let waited = join_all(waiting.iter().map(|h| {
+            let item = item.clone();
+            let msg = &msg;
+            async move {
+                let queued = h.outbox.send(item).await.is_ok();
+                if let Some(stamp) = stamp {
+                    fanout.waited(stamp, h, queued, msg);
+                }
+                queued
+            }
+        }))
+        .await;
+        delivered += waited.iter().filter(|&&queued| queued).count();
         delivered
     }
 

@@ -12,6 +12,7 @@ use super::registry::{ClientHandle, Parked, Peer, SessionKey};
 use super::{ClientId, Inner};
 use crate::connection::Mode;
 use crate::outbox::{Weigh, outbox};
+use crate::outgoing::Outgoing;
 use crate::protocol::message::SessionToken;
 use crate::session::{Retained, Session};
 
@@ -133,9 +134,13 @@ pub(super) async fn claim(
 ) -> std::result::Result<Parked, &'static str> {
     let peers = inner.config.cluster.as_ref().ok_or(UNKNOWN)?;
     let client = ClientId(token.id);
+    // From now on the broadcasts fanned out here are kept for the client, until its session
+    // arrives (see `fanout`); the claim says how far this node was.
+    let capture = Capture { inner, client };
     let claim = SessionClaim {
         token: *token,
         principal: principal.clone(),
+        positions: inner.fanout.start_capture(client),
     };
     let handed = match peers.take_session(claim).await {
         Ok(handed) if handed.token.matches(token) => handed,
@@ -146,17 +151,6 @@ pub(super) async fn claim(
         }
     };
     let config = &inner.config;
-    // The queue takes what the old node had queued even if its bounds were larger.
-    let limits = crate::OutboxLimits {
-        messages: config.outbox.messages.max(handed.queued.len()),
-        bytes: (config.outbox.bytes).max(handed.queued.iter().map(Weigh::weight).sum()),
-    };
-    let (outbox_tx, outbox) = outbox(limits);
-    for item in handed.queued {
-        outbox_tx
-            .try_send(item)
-            .map_err(|_| "the handed queue did not fit")?;
-    }
     let retained = Retained::restore(
         config.session_window,
         handed.sent,
@@ -183,18 +177,48 @@ pub(super) async fn claim(
         token: *token,
         principal: principal.clone(),
     };
-    let registration = inner.registry.register_as(
-        Some(client),
-        Peer {
-            addr,
-            mode: Mode::Sockframe,
-            name: handed.name,
-            detecting: false,
-        },
-        outbox_tx,
-        inner.shutdown.child_token(),
-        |_| Some(key),
-    );
+    let peer = Peer {
+        addr,
+        mode: Mode::Sockframe,
+        name: handed.name,
+        detecting: false,
+    };
+    let queued = handed.queued;
+    // Registered with what the old node had queued, then the broadcasts made meanwhile that
+    // it lacks, in one step with no fan-out in between.
+    let registered = inner.fanout.hand_in(client, &handed.watermarks, |lacking| {
+        let items: Vec<Outgoing> = queued
+            .into_iter()
+            .chain(lacking.into_iter().map(Outgoing::Message))
+            .collect();
+        // The queue takes all of it even if that is more than its bounds.
+        let limits = crate::OutboxLimits {
+            messages: config.outbox.messages.max(items.len()),
+            bytes: (config.outbox.bytes).max(items.iter().map(Weigh::weight).sum()),
+        };
+        let (outbox_tx, outbox) = outbox(limits);
+        for item in items {
+            outbox_tx
+                .try_send(item)
+                .map_err(|_| "the handed queue did not fit")?;
+        }
+        let registration = inner.registry.register_as(
+            Some(client),
+            peer,
+            outbox_tx,
+            inner.shutdown.child_token(),
+            |_| Some(key),
+        );
+        Ok((registration, outbox))
+    });
+    drop(capture);
+    let (registration, outbox) = match registered {
+        Ok(Ok(registered)) => registered,
+        Ok(Err(why)) | Err(why) => {
+            tracing::warn!(%client, why, "a handed session could not be taken");
+            return Err(UNKNOWN);
+        }
+    };
     let handler = inner.make_handler.as_ref().map(|make| make(client, addr));
     let mut parked = Parked {
         session,
@@ -210,4 +234,16 @@ pub(super) async fn claim(
     inner.counters.resumed();
     tracing::info!(%client, "session taken over from another node");
     Ok(parked)
+}
+
+/// A claim's capture of broadcasts, dropped however the claim ends.
+struct Capture<'a> {
+    inner: &'a Inner,
+    client: ClientId,
+}
+
+impl Drop for Capture<'_> {
+    fn drop(&mut self) {
+        self.inner.fanout.end_capture(self.client);
+    }
 }
