@@ -380,6 +380,12 @@ impl Timing {
         }
     }
 
+    /// Whether broadcast `seq` has reached every reader (valid while no broadcast `RING` or
+    /// more after it has been sent).
+    fn complete(&self, seq: u64) -> bool {
+        self.ring[(seq % RING) as usize].load(Ordering::Acquire) >= self.readers * (seq / RING + 1)
+    }
+
     /// Nanoseconds since the epoch.
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -489,28 +495,49 @@ pub async fn send_paced(
     let send = async {
         // The server registers a connection a little after its TCP handshake, and a reader
         // not yet registered misses what is sent meanwhile, which pacing against it would
-        // wait for forever. So probe, one frame at a time, until every reader gets them.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !received.iter().all(|r| r.load(Ordering::Relaxed) > 0) {
-            if Instant::now() > deadline {
-                return Err(io::Error::other(
-                    "not every reader receives the broadcasts (is the server fanning out?)",
-                ));
-            }
+        // wait for forever. So probe, one frame at a time, until every reader gets them; the
+        // next probe only once every reader that had something when the last one went out
+        // has got more since, so that probes do not pile up in the server's queues while
+        // it registers thousands of readers.
+        let readers = received.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(10) + Duration::from_millis(readers);
+        let counts = || received.iter().map(|r| r.load(Ordering::Relaxed));
+        while !counts().all(|n| n > 0) {
+            let before: Vec<u64> = counts().collect();
             stream.write_all(&one).await?;
             stream.flush().await?;
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(
+                        "not every reader receives the broadcasts (is the server fanning out?)",
+                    ));
+                }
+                if counts().zip(&before).all(|(n, b)| *b == 0 || n > *b) {
+                    break;
+                }
+            }
         }
-        // Pace from here on, against what each reader has received since.
-        let base: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        // Pace from here on: timed, against the broadcasts every reader has had (in order,
+        // from the ring: probes still on their way do not count); untimed, against what each
+        // reader has received since.
+        let base: Vec<u64> = counts().collect();
+        let mut done = 0u64;
         loop {
             loop {
-                let slowest = received
-                    .iter()
-                    .zip(&base)
-                    .map(|(r, b)| r.load(Ordering::Relaxed) - b)
-                    .min()
-                    .unwrap_or(sent);
+                let slowest = match &timing {
+                    Some(timing) => {
+                        while done < sent && timing.complete(done) {
+                            done += 1;
+                        }
+                        done
+                    }
+                    None => counts()
+                        .zip(&base)
+                        .map(|(n, b)| n - b)
+                        .min()
+                        .unwrap_or(sent),
+                };
                 if sent + per_batch <= slowest + ahead {
                     break;
                 }
