@@ -389,6 +389,12 @@ fn broadcast_in_the_sockframe_protocol() {
     let r = &results[0];
     assert_eq!(r["mode"], "broadcast", "{r}");
     assert!(r["deliveries"].as_u64().unwrap() > 0, "{r}");
+    // Every broadcast is timed to its last delivery, and each delivery on the way.
+    assert!(r["broadcasts"].as_u64().unwrap() > 0, "{r}");
+    let us = |key: &str| r[key].as_f64().unwrap();
+    assert!(us("last_p50_us") > 0.0, "{r}");
+    assert!(us("last_p50_us") <= us("last_p99_us") && us("last_p99_us") <= us("last_max_us"));
+    assert!(us("p50_us") > 0.0 && us("p50_us") <= us("p99_us") && us("p99_us") <= us("max_us"));
 }
 
 /// The server's default session window: a generator that never acknowledged would get at

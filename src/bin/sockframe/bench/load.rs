@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -31,8 +31,40 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// received (well under the server's default queue of 1,024 messages per client).
 pub const BROADCAST_AHEAD: u64 = 512;
 
+/// `broadcast`: most payload bytes the sender may be ahead of the slowest reader (half the
+/// server's default queue of 8 MiB per client): large messages run fewer than
+/// [`BROADCAST_AHEAD`] ahead.
+pub const BROADCAST_AHEAD_BYTES: u64 = 4 << 20;
+
+/// `broadcast`: how many messages of `size` bytes the sender may run ahead, for `--window`
+/// `asked`: at most [`BROADCAST_AHEAD`] and [`BROADCAST_AHEAD_BYTES`], at least one.
+pub fn broadcast_ahead(asked: u64, size: usize) -> u64 {
+    let by_bytes = BROADCAST_AHEAD_BYTES / (size as u64).max(1);
+    asked.min(BROADCAST_AHEAD).min(by_bytes).max(1)
+}
+
 /// Read buffers of busy connections grow by this much when they run low.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// `broadcast`: the bytes at the start of each message's body that say which broadcast it
+/// is and when it was written: a sequence number and the nanoseconds since
+/// [`Timing::epoch`], both u64 little-endian. Smaller bodies are not timed.
+pub const STAMP_LEN: usize = 16;
+
+/// `broadcast`: the sequence number of the probes sent before pacing starts, which are not
+/// timed (the readers not yet registered miss them).
+const PROBE: u64 = u64::MAX;
+
+/// `broadcast`: slots in [`Timing`]'s ring of delivery counts, one per sequence number
+/// modulo this. Several times what the sender may have in flight ([`BROADCAST_AHEAD`]), so
+/// that every reader has had broadcast `seq` before anyone gets `seq + RING`, which counts
+/// in the same slot.
+const RING: u64 = 4 * BROADCAST_AHEAD;
+
+/// `broadcast`: histograms of per-delivery latency, each for a share of the readers, who
+/// record into theirs under its lock once per read (a lock per reader would cost a
+/// histogram of some 200 KB each: 2 GB for 10,000 readers).
+const SHARDS: usize = 16;
 
 /// What the connection tasks share with the sampler.
 #[derive(Debug, Default)]
@@ -134,7 +166,7 @@ pub async fn round_trips(
         let now = Instant::now();
         let record = shared.recording.load(Ordering::Relaxed);
         let mut done = 0;
-        wire.take_frames(&mut inbuf, |incoming| {
+        wire.take_frames(&mut inbuf, |incoming, _| {
             if acks.see(&incoming)? {
                 return Ok(());
             }
@@ -235,7 +267,7 @@ pub async fn flat_out(conn: Conn, wire: Wire, body: Arc<[u8]>, shared: Arc<Share
                 if inbuf.capacity() - inbuf.len() < 4096 {
                     inbuf.reserve(READ_CHUNK);
                 }
-                wire.take_frames(&mut inbuf, |incoming| {
+                wire.take_frames(&mut inbuf, |incoming, _| {
                     acks.see(&incoming)?;
                     if let Incoming::Ping(nonce) = incoming {
                         pong.1.store(nonce, Ordering::Relaxed);
@@ -316,50 +348,208 @@ async fn write_batches(
     }
 }
 
-/// `broadcast`: sends frames in batches, staying at most [`BROADCAST_AHEAD`] messages ahead of
-/// the reader that has received the fewest (`received`: one count per reader).
+/// `broadcast`: how long broadcasts take to reach the readers, measured by the readers from
+/// the stamp the sender wrote into each body (see [`STAMP_LEN`]) on the one clock of this
+/// process. Its memory is bounded whatever the number of readers and broadcasts: a ring of
+/// [`RING`] counters and [`SHARDS`] + 1 histograms.
+#[derive(Debug)]
+pub struct Timing {
+    /// The clock's zero: stamps are nanoseconds since then.
+    epoch: Instant,
+    /// Readers, each of which receives every broadcast after the probes.
+    readers: u64,
+    /// Deliveries counted per broadcast in slot `seq % RING`, cumulative over the ring's
+    /// laps: broadcast `seq` has reached every reader when its slot holds
+    /// `readers × (seq / RING + 1)`, and the reader that makes it so times the last delivery.
+    ring: Box<[AtomicU64]>,
+    /// Per delivery: from the sender's write to a reader's parse, sharded by reader.
+    delivery: Box<[Mutex<Histogram<u64>>]>,
+    /// Per broadcast: from the sender's write to the parse in the last reader to get it.
+    last: Mutex<Histogram<u64>>,
+}
+
+impl Timing {
+    /// Timing for `readers` readers.
+    pub fn new(readers: u64) -> Self {
+        Timing {
+            epoch: Instant::now(),
+            readers,
+            ring: (0..RING).map(|_| AtomicU64::new(0)).collect(),
+            delivery: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
+            last: Mutex::new(histogram()),
+        }
+    }
+
+    /// Whether broadcast `seq` has reached every reader (valid while no broadcast `RING` or
+    /// more after it has been sent).
+    fn complete(&self, seq: u64) -> bool {
+        self.ring[(seq % RING) as usize].load(Ordering::Acquire) >= self.readers * (seq / RING + 1)
+    }
+
+    /// Nanoseconds since the epoch.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The histograms once the readers are done: per delivery, and per broadcast until its
+    /// last delivery.
+    pub fn histograms(&self) -> Result<(Histogram<u64>, Histogram<u64>)> {
+        let mut delivery = histogram();
+        for shard in &self.delivery {
+            delivery
+                .add(&*shard.lock().unwrap_or_else(PoisonError::into_inner))
+                .context("merging latency histograms")?;
+        }
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok((delivery, last.clone()))
+    }
+}
+
+/// What one `broadcast` reader times: its share of [`Timing`], and the latencies of the
+/// current read, recorded under one lock.
+#[derive(Debug)]
+pub struct Timer {
+    timing: Arc<Timing>,
+    shard: usize,
+    batch: Vec<u64>,
+}
+
+impl Timer {
+    /// The timer of reader number `reader`.
+    pub fn new(timing: Arc<Timing>, reader: usize) -> Self {
+        Timer {
+            timing,
+            shard: reader % SHARDS,
+            batch: Vec::new(),
+        }
+    }
+
+    /// One delivery of `body`, parsed at `now`; its latency is kept if `record`.
+    fn delivered(&mut self, body: &[u8], now: u64, record: bool) {
+        let Some((seq, rest)) = body.split_first_chunk::<8>() else {
+            return;
+        };
+        let (seq, Some((sent, _))) = (u64::from_le_bytes(*seq), rest.split_first_chunk::<8>())
+        else {
+            return;
+        };
+        if seq == PROBE {
+            return;
+        }
+        let ns = now.saturating_sub(u64::from_le_bytes(*sent)).max(1);
+        if record {
+            self.batch.push(ns);
+        }
+        let slot = &self.timing.ring[(seq % RING) as usize];
+        let last =
+            slot.fetch_add(1, Ordering::AcqRel) + 1 == self.timing.readers * (seq / RING + 1);
+        if last && record {
+            let mut hist = self
+                .timing
+                .last
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            hist.saturating_record(ns);
+        }
+    }
+
+    /// Records the latencies of this read.
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut hist = self.timing.delivery[self.shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for ns in self.batch.drain(..) {
+            hist.saturating_record(ns);
+        }
+    }
+}
+
+/// `broadcast`: sends frames in batches, staying at most `ahead` messages (see
+/// [`broadcast_ahead`]) ahead of the reader that has received the fewest (`received`: one
+/// count per reader). With `timing`, stamps each body with its sequence number and the
+/// time its batch is written.
 pub async fn send_paced(
     conn: Conn,
     wire: Wire,
     body: Arc<[u8]>,
     received: Vec<Arc<AtomicU64>>,
+    ahead: u64,
+    timing: Option<Arc<Timing>>,
     stop: CancellationToken,
 ) -> Result<()> {
     let mut stream = conn.stream;
     let mut one = Vec::new();
     wire.put_message(&mut one, &body);
-    let per_batch = (WRITE_BATCH / one.len()).clamp(1, BROADCAST_AHEAD as usize / 4) as u64;
-    let batch = one.repeat(per_batch as usize);
+    // Where the body starts in a frame.
+    let at = one.len() - body.len();
+    if timing.is_some() {
+        one[at..at + 8].copy_from_slice(&PROBE.to_le_bytes());
+    }
+    let ahead = broadcast_ahead(ahead, body.len());
+    let per_batch = (WRITE_BATCH / one.len()).clamp(1, (ahead as usize / 4).max(1)) as u64;
+    let mut batch = one.repeat(per_batch as usize);
     let mut sent = 0u64;
     let send = async {
         // The server registers a connection a little after its TCP handshake, and a reader
         // not yet registered misses what is sent meanwhile, which pacing against it would
-        // wait for forever. So probe, one frame at a time, until every reader gets them.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !received.iter().all(|r| r.load(Ordering::Relaxed) > 0) {
-            if Instant::now() > deadline {
-                return Err(io::Error::other(
-                    "not every reader receives the broadcasts (is the server fanning out?)",
-                ));
-            }
+        // wait for forever. So probe, one frame at a time, until every reader gets them; the
+        // next probe only once every reader that had something when the last one went out
+        // has got more since, so that probes do not pile up in the server's queues while
+        // it registers thousands of readers.
+        let readers = received.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(10) + Duration::from_millis(readers);
+        let counts = || received.iter().map(|r| r.load(Ordering::Relaxed));
+        while !counts().all(|n| n > 0) {
+            let before: Vec<u64> = counts().collect();
             stream.write_all(&one).await?;
             stream.flush().await?;
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(
+                        "not every reader receives the broadcasts (is the server fanning out?)",
+                    ));
+                }
+                if counts().zip(&before).all(|(n, b)| *b == 0 || n > *b) {
+                    break;
+                }
+            }
         }
-        // Pace from here on, against what each reader has received since.
-        let base: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        // Pace from here on: timed, against the broadcasts every reader has had (in order,
+        // from the ring: probes still on their way do not count); untimed, against what each
+        // reader has received since.
+        let base: Vec<u64> = counts().collect();
+        let mut done = 0u64;
         loop {
             loop {
-                let slowest = received
-                    .iter()
-                    .zip(&base)
-                    .map(|(r, b)| r.load(Ordering::Relaxed) - b)
-                    .min()
-                    .unwrap_or(sent);
-                if sent + per_batch <= slowest + BROADCAST_AHEAD {
+                let slowest = match &timing {
+                    Some(timing) => {
+                        while done < sent && timing.complete(done) {
+                            done += 1;
+                        }
+                        done
+                    }
+                    None => counts()
+                        .zip(&base)
+                        .map(|(n, b)| n - b)
+                        .min()
+                        .unwrap_or(sent),
+                };
+                if sent + per_batch <= slowest + ahead {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if let Some(timing) = &timing {
+                let now = timing.now().to_le_bytes();
+                for (i, frame) in batch.chunks_exact_mut(one.len()).enumerate() {
+                    let stamp = &mut frame[at..at + STAMP_LEN];
+                    stamp[..8].copy_from_slice(&(sent + i as u64).to_le_bytes());
+                    stamp[8..].copy_from_slice(&now);
+                }
             }
             stream.write_all(&batch).await?;
             stream.flush().await?;
@@ -377,13 +567,15 @@ pub async fn send_paced(
 }
 
 /// `broadcast` readers (and `idle` connections, with a small buffer): read frames and count
-/// the messages (in `mine` and in `shared`), answering pings, until stopped.
+/// the messages (in `mine` and in `shared`), answering pings, until stopped. With a
+/// `timer`, time each stamped message (once recording has started).
 pub async fn receive(
     conn: Conn,
     wire: Wire,
     mine: Arc<AtomicU64>,
     shared: Arc<Shared>,
     chunk: usize,
+    mut timer: Option<Timer>,
 ) -> Result<()> {
     let Conn {
         mut stream,
@@ -394,10 +586,18 @@ pub async fn receive(
     let mut acks = Acks::new(wire.session);
     loop {
         let mut n = 0;
-        wire.take_frames(&mut inbuf, |incoming| {
+        // One time for every frame of a read: they arrived together.
+        let now = timer.as_ref().map_or(0, |t| t.timing.now());
+        let record = shared.recording.load(Ordering::Relaxed);
+        wire.take_frames(&mut inbuf, |incoming, body| {
             acks.see(&incoming)?;
             match incoming {
-                Incoming::Message(_) => n += 1,
+                Incoming::Message(_) => {
+                    n += 1;
+                    if let Some(timer) = &mut timer {
+                        timer.delivered(body, now, record);
+                    }
+                }
                 Incoming::Ping(nonce) => wire.put_pong(&mut out, nonce),
                 _ => {}
             }
@@ -406,6 +606,9 @@ pub async fn receive(
         if n > 0 {
             mine.fetch_add(n, Ordering::Relaxed);
             shared.messages.fetch_add(n, Ordering::Relaxed);
+            if let Some(timer) = &mut timer {
+                timer.flush();
+            }
         }
         // Readers write only pongs: they acknowledge when asked, or with a pong.
         let busy = !out.is_empty();
@@ -419,5 +622,49 @@ pub async fn receive(
             Ok(_) => {}
             Err(e) => return Err(e).context("reading from the server failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body stamped as broadcast `seq`, written at `sent` ns.
+    fn stamped(seq: u64, sent: u64) -> [u8; 24] {
+        let mut body = [b'x'; 24];
+        body[..8].copy_from_slice(&seq.to_le_bytes());
+        body[8..16].copy_from_slice(&sent.to_le_bytes());
+        body
+    }
+
+    #[test]
+    fn the_last_reader_of_each_broadcast_times_it() {
+        let timing = Arc::new(Timing::new(2));
+        let (mut a, mut b) = (Timer::new(timing.clone(), 0), Timer::new(timing.clone(), 1));
+        // Probes and bodies too short for a stamp are not timed.
+        a.delivered(&stamped(PROBE, 0), 50, true);
+        a.delivered(&[0; STAMP_LEN - 1], 50, true);
+        // The same slot of the ring, lap after lap; the first lap before recording started
+        // is counted all the same.
+        for lap in 0..4 {
+            let seq = 3 + lap * RING;
+            a.delivered(&stamped(seq, 1_000), 1_100, lap > 0);
+            b.delivered(&stamped(seq, 1_000), 1_300, lap > 0);
+        }
+        a.flush();
+        b.flush();
+        let (delivery, last) = timing.histograms().unwrap();
+        assert_eq!(delivery.len(), 6);
+        assert!(delivery.equivalent(delivery.min(), 100));
+        assert_eq!(last.len(), 3);
+        assert!(last.equivalent(last.min(), 300) && last.equivalent(last.max(), 300));
+    }
+
+    #[test]
+    fn large_messages_run_fewer_ahead() {
+        assert_eq!(broadcast_ahead(BROADCAST_AHEAD, 1024), BROADCAST_AHEAD);
+        assert_eq!(broadcast_ahead(1, 1024), 1);
+        assert_eq!(broadcast_ahead(BROADCAST_AHEAD, 64 * 1024), 64);
+        assert_eq!(broadcast_ahead(BROADCAST_AHEAD, 16 << 20), 1);
     }
 }

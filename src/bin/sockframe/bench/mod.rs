@@ -17,9 +17,17 @@
 //!   matched by correlation id.
 //! - `broadcast`: `--conns` readers and one extra sender against a fan-out server
 //!   (`sockframe serve --fanout`), which sends every message to every other client; reports
-//!   deliveries (messages received by the readers) per second. The sender stays at most
-//!   [`load::BROADCAST_AHEAD`] messages ahead of the slowest reader, so no server queue
-//!   overflows.
+//!   deliveries (messages received by the readers) per second, and the time from the
+//!   sender's write of each broadcast to its last delivery (p50, p99, max; `last_*_us` in
+//!   JSON) and to each delivery (`p50_us` …). The sender stamps every body with a sequence
+//!   number and the time its batch is written (the first 16 bytes; smaller bodies are not
+//!   timed), and the readers, in this process and on its clock, count each broadcast's
+//!   deliveries in a ring of [`load::BROADCAST_AHEAD`] × 4 counters: the one that
+//!   completes the count times the last delivery. The sender stays at most `--window`
+//!   broadcasts (default and most [`load::BROADCAST_AHEAD`], and
+//!   [`load::BROADCAST_AHEAD_BYTES`] of payload) ahead of the slowest reader, so no server
+//!   queue overflows; under that default the time to last delivery is mostly
+//!   the wait in the queues, and `--window 1` times each broadcast alone.
 //! - `idle`: opens `--conns` connections, sends nothing for `--duration`, then closes them;
 //!   for measuring what an idle connection costs the server.
 //!
@@ -57,6 +65,10 @@ use self::wire::Wire;
 use crate::output::json_object;
 use crate::parse;
 use crate::peer::Protocol;
+
+/// `broadcast`: bytes of read buffer the readers grow by, shared out among them (64 KiB
+/// each up to 1,000 readers, down to 8 KiB each from 8,000 on).
+const BROADCAST_READ_BUDGET: usize = 64 * 1024 * 1024;
 
 /// Connections opened concurrently while connecting (keeps connect bursts under the
 /// server's listen backlog).
@@ -115,10 +127,12 @@ pub struct Args {
     /// How long to run before counting starts
     #[arg(long, value_name = "TIME", default_value = "1s", value_parser = parse::duration)]
     warmup: Duration,
-    /// `pingpong`, `request`: messages in flight per connection
-    #[arg(long, value_name = "W", default_value_t = 1,
+    /// `pingpong`, `request`: messages in flight per connection [default: 1]. `broadcast`:
+    /// broadcasts the sender may have written that the slowest reader has not received yet
+    /// [default and most: 512, and 4 MiB of payload]; 1 times each broadcast alone
+    #[arg(long, value_name = "W",
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    window: u64,
+    window: Option<u64>,
     /// Print each result as one JSON object per line on stdout
     #[arg(long)]
     json: bool,
@@ -160,6 +174,18 @@ impl Mode {
     }
 }
 
+impl Args {
+    /// `--window`, or the mode's default: 1 round trip in flight, [`load::BROADCAST_AHEAD`]
+    /// broadcasts ahead.
+    fn window(&self) -> u64 {
+        match (self.window, self.mode) {
+            (Some(w), _) => w,
+            (None, Mode::Broadcast) => load::BROADCAST_AHEAD,
+            (None, _) => 1,
+        }
+    }
+}
+
 fn protocol_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Tutorial => "tutorial",
@@ -192,8 +218,12 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Messages, round trips or deliveries counted.
     pub messages: u64,
-    /// Round-trip latencies in nanoseconds (empty for other modes).
+    /// Latencies in nanoseconds: of round trips, or (`broadcast`) from the sender's write to
+    /// each delivery; empty for other modes.
     pub latency: Histogram<u64>,
+    /// `broadcast`: nanoseconds from the sender's write of each broadcast to its last
+    /// delivery (empty for other modes, and for bodies too small to be stamped).
+    pub last: Histogram<u64>,
 }
 
 impl Outcome {
@@ -211,12 +241,25 @@ impl Outcome {
     pub fn us(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1e3
     }
+
+    /// Time to the last delivery of a broadcast at quantile `q`, in microseconds.
+    pub fn last_us(&self, q: f64) -> f64 {
+        self.last.value_at_quantile(q) as f64 / 1e3
+    }
 }
 
 /// Runs the benchmark and prints its result.
 pub async fn run(args: Args) -> Result<()> {
     if args.mode == Mode::Request && args.protocol != Protocol::Sockframe {
         bail!("--mode request needs --protocol sockframe: the tutorial framing has no requests");
+    }
+    if args.mode == Mode::Broadcast && args.window() > load::BROADCAST_AHEAD {
+        bail!(
+            "--window {} is more than a broadcast may run ahead (at most {}: the server queues \
+             1,024 messages per client by default)",
+            args.window(),
+            load::BROADCAST_AHEAD
+        );
     }
     if args.plot.is_some() && !args.mode.round_trips() && args.size.len() < 2 {
         bail!(
@@ -234,6 +277,8 @@ pub async fn run(args: Args) -> Result<()> {
     if args.insecure {
         eprintln!("warning: --insecure: the server's certificate is not verified");
     }
+    // `broadcast` opens one more connection than `--conns`: the sender.
+    raise_nofile(args.conns.saturating_add(1));
     let wire = connector_wire(&args);
     let connector = Connector::new(&args.addr, wire, args.token.as_deref(), &tls)?;
     if args.mode == Mode::Idle {
@@ -257,6 +302,37 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Descriptors the generator uses besides its connections (standard streams, the
+/// runtime's epoll and wake-ups, a plot file).
+const NOFILE_RESERVE: u64 = 32;
+
+/// Raises the soft limit on open files to the hard one when `conns` connections need more
+/// than it (it is often 1,024; 10,000 readers need 10,000), and warns on stderr when even
+/// the hard limit is short: connecting would then fail part way with "too many open files".
+#[cfg(unix)]
+fn raise_nofile(conns: u64) {
+    use rlimit::Resource;
+    let need = conns.saturating_add(NOFILE_RESERVE);
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    // As far as the connections need, clamped to what the hard limit and the kernel allow.
+    let now = rlimit::increase_nofile_limit(need).unwrap_or(soft);
+    if now < need {
+        eprintln!(
+            "warning: the open file limit ({now}, hard limit {hard}) is too low for {conns} \
+             connections plus {NOFILE_RESERVE}: connecting will fail part way; raise the hard \
+             limit (ulimit -Hn)"
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_nofile(_conns: u64) {}
+
 /// What a plot says it shows.
 fn title(args: &Args) -> String {
     format!(
@@ -271,7 +347,7 @@ fn title(args: &Args) -> String {
         },
         args.conns,
         if args.mode.round_trips() {
-            format!(" --window {}", args.window)
+            format!(" --window {}", args.window())
         } else {
             String::new()
         }
@@ -288,7 +364,14 @@ async fn idle(args: &Args, connector: &Connector) -> Result<()> {
         let shared = shared.clone();
         let mine = Arc::new(AtomicU64::new(0));
         // A small read buffer: only pings arrive.
-        tasks.spawn(load::receive(conn, connector_wire(args), mine, shared, 64));
+        tasks.spawn(load::receive(
+            conn,
+            connector_wire(args),
+            mine,
+            shared,
+            64,
+            None,
+        ));
     }
     tokio::time::sleep(args.duration).await;
     let held = held.elapsed();
@@ -347,6 +430,9 @@ async fn run_size(args: &Args, connector: &Connector, size: usize) -> Result<Out
     let shared = Arc::new(Shared::default());
     let mut tasks: JoinSet<Result<Option<Histogram<u64>>>> = JoinSet::new();
     let body = body(size);
+    // Broadcasts are timed when their bodies can carry the stamp.
+    let timing = (args.mode == Mode::Broadcast && size >= load::STAMP_LEN)
+        .then(|| Arc::new(load::Timing::new(args.conns)));
     match args.mode {
         Mode::Throughput => {
             for conn in conns {
@@ -359,7 +445,7 @@ async fn run_size(args: &Args, connector: &Connector, size: usize) -> Result<Out
             }
         }
         Mode::Pingpong | Mode::Request => {
-            let window = usize::try_from(args.window).unwrap_or(usize::MAX);
+            let window = usize::try_from(args.window()).unwrap_or(usize::MAX);
             let requests = args.mode == Mode::Request;
             for conn in conns {
                 let (shared, body) = (shared.clone(), body.clone());
@@ -372,20 +458,24 @@ async fn run_size(args: &Args, connector: &Connector, size: usize) -> Result<Out
         }
         Mode::Broadcast => {
             let mut received = Vec::with_capacity(conns.len());
-            for conn in conns {
+            let readers = conns.len();
+            let chunk = (BROADCAST_READ_BUDGET / readers).clamp(8 * 1024, 64 * 1024);
+            for (i, conn) in conns.into_iter().enumerate() {
                 let mine = Arc::new(AtomicU64::new(0));
                 received.push(mine.clone());
                 let shared = shared.clone();
+                let timer = timing.clone().map(|t| load::Timer::new(t, i));
                 tasks.spawn(async move {
-                    load::receive(conn, wire, mine, shared, 64 * 1024)
+                    load::receive(conn, wire, mine, shared, chunk, timer)
                         .await
                         .map(|()| None)
                 });
             }
             let sender = connector.connect().await?;
-            let stop = shared.stop.clone();
+            let (stop, timing) = (shared.stop.clone(), timing.clone());
+            let ahead = load::broadcast_ahead(args.window(), size);
             tasks.spawn(async move {
-                load::send_paced(sender, wire, body, received, stop)
+                load::send_paced(sender, wire, body, received, ahead, timing, stop)
                     .await
                     .map(|()| None)
             });
@@ -418,11 +508,16 @@ async fn run_size(args: &Args, connector: &Connector, size: usize) -> Result<Out
             }
         }
     }
+    let mut last = load::histogram();
+    if let Some(timing) = timing {
+        (latency, last) = timing.histograms()?;
+    }
     Ok(Outcome {
         size,
         elapsed,
         messages,
         latency,
+        last,
     })
 }
 
@@ -538,7 +633,7 @@ fn report(args: &Args, o: &Outcome) -> Result<()> {
             let min = o.latency.min() as f64 / 1e3;
             let mean = o.latency.mean() / 1e3;
             fields.extend([
-                ("window", args.window.into()),
+                ("window", args.window().into()),
                 ("round_trips", messages.into()),
                 ("round_trips_per_s", rate.into()),
                 ("mb_per_s", mb.into()),
@@ -556,20 +651,55 @@ fn report(args: &Args, o: &Outcome) -> Result<()> {
                 args.mode.name(),
                 human(rate),
                 args.conns,
-                args.window,
+                args.window(),
             )
         }
         Mode::Broadcast => {
+            let window = load::broadcast_ahead(args.window(), size);
             fields.extend([
+                ("window", window.into()),
                 ("deliveries", messages.into()),
                 ("deliveries_per_s", rate.into()),
                 ("mb_per_s", mb.into()),
             ]);
-            format!(
-                "broadcast: {} deliveries/s, {mb:.1} MB/s of payload ({messages} deliveries of {size} B in {secs:.2} s to {} reader(s))",
+            let mut text = format!(
+                "broadcast: {} deliveries/s, {mb:.1} MB/s of payload ({messages} deliveries of {size} B in {secs:.2} s to {} reader(s), window {window})",
                 human(rate),
-                args.conns
-            )
+                args.conns,
+            );
+            if o.last.is_empty() {
+                text.push_str(&format!(
+                    "\nlatency: not measured ({})",
+                    if size < load::STAMP_LEN {
+                        "bodies under 16 B carry no stamp"
+                    } else {
+                        "no broadcast reached every reader while counting"
+                    }
+                ));
+            } else {
+                let (l50, l99, lmax) = (o.last_us(0.5), o.last_us(0.99), o.last.max() as f64 / 1e3);
+                let (p50, p99, pmax) = (o.us(0.5), o.us(0.99), o.latency.max() as f64 / 1e3);
+                let broadcasts = o.last.len();
+                fields.extend([
+                    ("broadcasts", broadcasts.into()),
+                    ("last_p50_us", l50.into()),
+                    ("last_p90_us", o.last_us(0.9).into()),
+                    ("last_p99_us", l99.into()),
+                    ("last_max_us", lmax.into()),
+                    ("last_mean_us", (o.last.mean() / 1e3).into()),
+                    ("p50_us", p50.into()),
+                    ("p90_us", o.us(0.9).into()),
+                    ("p99_us", p99.into()),
+                    ("p999_us", o.us(0.999).into()),
+                    ("max_us", pmax.into()),
+                    ("mean_us", (o.latency.mean() / 1e3).into()),
+                ]);
+                text.push_str(&format!(
+                    "\ntime to last delivery: p50 {l50:.1} µs, p99 {l99:.1} µs, max {lmax:.1} µs ({broadcasts} broadcasts)\n\
+                     per delivery: p50 {p50:.1} µs, p99 {p99:.1} µs, max {pmax:.1} µs"
+                ));
+            }
+            text
         }
         Mode::Idle => unreachable!("idle reports by itself"),
     };

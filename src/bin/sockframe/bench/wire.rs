@@ -86,12 +86,13 @@ impl Wire {
         }
     }
 
-    /// Removes every complete frame at the start of `buf` and calls `each` with it; returns
-    /// how many frames were taken. Reserves room for a partly received frame.
+    /// Removes every complete frame at the start of `buf` and calls `each` with it and, for a
+    /// message or a response, its body (empty for other frames); returns how many frames
+    /// were taken. Reserves room for a partly received frame.
     pub fn take_frames(
         self,
         buf: &mut BytesMut,
-        mut each: impl FnMut(Incoming) -> Result<()>,
+        mut each: impl FnMut(Incoming, &[u8]) -> Result<()>,
     ) -> Result<u64> {
         let mut n = 0;
         let mut at = 0;
@@ -111,8 +112,14 @@ impl Wire {
                 Protocol::Tutorial => Incoming::Message(len),
                 Protocol::Sockframe => typed(payload)?,
             };
+            let body = match incoming {
+                Incoming::Message(len) | Incoming::Response { len, .. } => {
+                    &payload[payload.len() - len..]
+                }
+                _ => &[],
+            };
+            each(incoming, body)?;
             at += 4 + len;
-            each(incoming)?;
             n += 1;
         }
         buf.advance(at);
@@ -329,7 +336,10 @@ mod tests {
 
     fn take(wire: Wire, buf: &mut BytesMut) -> Vec<Incoming> {
         let mut got = Vec::new();
-        wire.take_frames(buf, |i| {
+        wire.take_frames(buf, |i, body| {
+            if let Incoming::Message(len) | Incoming::Response { len, .. } = i {
+                assert_eq!(body.len(), len);
+            }
             got.push(i);
             Ok(())
         })
@@ -426,11 +436,11 @@ mod tests {
             }),
         );
         let mut buf = BytesMut::from(&close[..]);
-        let err = SF.take_frames(&mut buf, |_| Ok(())).unwrap_err();
+        let err = SF.take_frames(&mut buf, |_, _| Ok(())).unwrap_err();
         assert!(err.to_string().contains("bye"), "{err}");
 
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
-        assert!(TUT.take_frames(&mut buf, |_| Ok(())).is_err());
+        assert!(TUT.take_frames(&mut buf, |_, _| Ok(())).is_err());
     }
 
     #[test]
