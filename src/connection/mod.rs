@@ -49,7 +49,7 @@ mod writer;
 
 pub use config::{Heartbeat, Mode, RateAction, RateLimit};
 pub(crate) use control::Replies;
-pub(crate) use drive::{CloseOrder, Drive, drive};
+pub(crate) use drive::{CloseOrder, Drive, Outcome, drive};
 pub(crate) use liveness::Traffic;
 pub use reader::FrameReader;
 pub use writer::FrameWriter;
