@@ -108,9 +108,9 @@ pub(super) async fn run(
         // Unused (a client has no message handler), but `drive` takes one.
         let replies = crate::connection::Replies::new(config.outbox);
         let outcome = drive(
-            link.reader,
-            link.writer,
-            None,
+            &mut link.reader,
+            &mut link.writer,
+            &mut None,
             Drive {
                 mode: config.protocol,
                 max_body: config.max_frame,

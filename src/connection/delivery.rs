@@ -137,7 +137,8 @@ where
                 self.flush(batch).await;
                 // Not reading meanwhile is the point; the peer's silence is ours.
                 self.liveness.paused.store(true, Ordering::Relaxed);
-                tokio::time::sleep(wait).await;
+                // Boxed, as in `flush`: a `Sleep` is large, and only a limited peer waits.
+                Box::pin(tokio::time::sleep(wait)).await;
                 self.liveness.paused.store(false, Ordering::Relaxed);
                 self.liveness.frame();
             }
@@ -208,7 +209,9 @@ where
             Err(mpsc::error::TrySendError::Closed(())) => Err(()),
             Err(mpsc::error::TrySendError::Full(())) => {
                 self.liveness.paused.store(true, Ordering::Relaxed);
-                let slot = self.events.reserve().await.map_err(|_| ());
+                // Boxed, here only: the wait's future (128 bytes) would otherwise be part of
+                // every connection's task, idle or not.
+                let slot = Box::pin(self.events.reserve()).await.map_err(|_| ());
                 self.liveness.paused.store(false, Ordering::Relaxed);
                 // The peer had no chance to be heard meanwhile: its clocks restart now.
                 self.liveness.frame();

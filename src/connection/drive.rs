@@ -128,13 +128,15 @@ enum Ended {
 /// Reading and writing run concurrently in the calling task (one task per connection, not
 /// three). Received messages go to `events` in order; when `events` is full, reading pauses,
 /// so TCP flow control slows the peer instead of memory growing. `held` is a first frame
-/// already read (by protocol detection) and not yet delivered.
+/// already read (by protocol detection) and not yet delivered. The reader, the writer and
+/// `held` are lent by the caller, whose future owns them: moved in, they would take room in
+/// both futures (176 bytes of every connection's task).
 // On purpose not an `async fn`: see the comment in the body.
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn drive<RD, WR, E, R, C>(
-    mut reader: FrameReader<RD>,
-    mut writer: FrameWriter<WR>,
-    mut held: Option<Bytes>,
+    reader: &mut FrameReader<RD>,
+    writer: &mut FrameWriter<WR>,
+    held: &mut Option<Bytes>,
     d: Drive<'_, E, R, C>,
 ) -> impl Future<Output = Outcome>
 where
@@ -156,7 +158,8 @@ where
             _ => (None, None),
         };
         let acks = match (&retained, &received_slot) {
-            (Some(r), Some(received)) => Some(Acks::new(r, **received)),
+            // Boxed: 80 bytes that only a session's connection uses.
+            (Some(r), Some(received)) => Some(Box::new(Acks::new(r, **received))),
             _ => None,
         };
         let heartbeat = d.heartbeat.filter(|_| d.mode == Mode::Sockframe);
@@ -173,7 +176,7 @@ where
             control: &control,
             traffic: d.traffic,
             liveness: &liveness,
-            acks: acks.as_ref(),
+            acks: acks.as_deref(),
             farewell: std::sync::atomic::AtomicBool::new(false),
             acks_read: std::sync::atomic::AtomicU64::new(0),
             truncated: std::sync::atomic::AtomicBool::new(false),
@@ -193,21 +196,15 @@ where
         });
         let mut clock = d.frame_timeout.map(FrameClock::new);
         let first = {
-            let read = inbound.run(
-                &mut reader,
-                &mut held,
-                &mut batch,
-                &mut clock,
-                &mut handling,
-            );
+            let read = inbound.run(reader, held, &mut batch, &mut clock, &mut handling);
             let write = write_loop(
-                &mut writer,
+                writer,
                 d.outbox,
                 &control,
                 d.close,
                 d.traffic,
                 d.mode,
-                retained.as_deref_mut().zip(acks.as_ref()),
+                retained.as_deref_mut().zip(acks.as_deref()),
             );
             tokio::pin!(read, write);
             let mut ping = heartbeat
@@ -278,13 +275,13 @@ where
         let outcome = match first {
             Ended::Read(reason) => {
                 if matches!(reason, DisconnectReason::Protocol(_)) {
-                    farewell(&mut writer, d.mode, &reason).await;
+                    farewell(writer, d.mode, &reason).await;
                 }
                 ended(reason)
             }
             Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
             Ended::Timeout(reason) => {
-                farewell(&mut writer, d.mode, &reason).await;
+                farewell(writer, d.mode, &reason).await;
                 ended(reason)
             }
             Ended::Write(Ok(())) => {
@@ -294,24 +291,18 @@ where
                 if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
                     // Even a hasty close ends a session on purpose: say so, or the peer would
                     // keep it waiting to be resumed.
-                    farewell(&mut writer, d.mode, &order.reason).await;
+                    farewell(writer, d.mode, &order.reason).await;
                 }
                 if order.graceful {
                     let deadline = Instant::now() + d.drain_deadline;
                     let finish = async {
                         // Keep reading while draining, so a peer that is blocked writing to us
                         // can make progress and read what we send.
-                        let read = inbound.run(
-                            &mut reader,
-                            &mut held,
-                            &mut batch,
-                            &mut clock,
-                            &mut handling,
-                        );
+                        let read = inbound.run(reader, held, &mut batch, &mut clock, &mut handling);
                         let drain = async {
-                            let session = retained.as_deref_mut().zip(acks.as_ref());
+                            let session = retained.as_deref_mut().zip(acks.as_deref());
                             drain(
-                                &mut writer,
+                                writer,
                                 d.outbox,
                                 control.replies,
                                 d.traffic,
@@ -320,7 +311,7 @@ where
                             )
                             .await?;
                             if d.mode == Mode::Sockframe {
-                                push_control(&mut writer, &close_frame(&order.reason))?;
+                                push_control(writer, &close_frame(&order.reason))?;
                             }
                             writer.shutdown().await
                         };
@@ -375,7 +366,7 @@ where
             && let Some(acks) = &acks
         {
             let received = acks.received.load(Ordering::Relaxed);
-            if push_control(&mut writer, &Frame::Ack(received)).is_ok() {
+            if push_control(writer, &Frame::Ack(received)).is_ok() {
                 let _ = tokio::time::timeout(FAREWELL, writer.shutdown()).await;
             }
         }

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::batch::{Batch, MessageEvent};
 use super::config::{Bucket, Mode};
@@ -327,24 +326,14 @@ where
         let Some(clock) = clock else {
             return reader.read_frame().await;
         };
-        loop {
-            tokio::select! {
-                frame = reader.read_frame() => {
-                    clock.started = None;
-                    return frame;
-                }
-                () = clock.sleep.as_mut() => {
-                    let now = Instant::now();
-                    clock.sleep.as_mut().reset(now + clock.tick);
-                    let partial = reader.buffered();
-                    if partial == 0 {
-                        clock.started = None;
-                    } else if now - *clock.started.get_or_insert(now) + clock.tick > clock.limit {
-                        return Err(crate::Error::FrameTimeout { limit: clock.limit, have: partial });
-                    }
-                }
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(frame) = reader.poll_frame(cx) {
+                clock.started = None;
+                return std::task::Poll::Ready(frame);
             }
-        }
+            clock.poll_expired(reader.buffered(), cx).map(Err)
+        })
+        .await
     }
 
     /// The body of the message `frame` of `kind`, taken by value (see

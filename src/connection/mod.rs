@@ -54,7 +54,7 @@ mod writer;
 pub(crate) use batch::{Batch, MessageEvent, Ready};
 pub use config::{Heartbeat, Mode, RateAction, RateLimit};
 pub(crate) use control::Replies;
-pub(crate) use drive::{CloseOrder, Drive, drive};
+pub(crate) use drive::{CloseOrder, Drive, Outcome, drive};
 pub(crate) use liveness::Traffic;
 pub use reader::FrameReader;
 pub use writer::FrameWriter;

@@ -110,14 +110,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel-safe: a partly received frame stays in the buffer for the next call.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>> {
-        std::future::poll_fn(|cx| {
-            let next = self.inner.poll_next_unpin(cx);
-            if next.is_pending() {
-                self.quiet();
-            }
-            next.map(Option::transpose)
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// [`read_frame`](Self::read_frame) as a poll: for a caller that looks at the buffer
+    /// between polls (the frame timeout's clock does).
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>>> {
+        let next = self.inner.poll_next_unpin(cx);
+        if next.is_pending() {
+            self.quiet();
+        }
+        next.map(Option::transpose)
     }
 
     /// The stream has nothing more to read for now: a read buffer that a busy stream grew

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -138,13 +139,16 @@ impl Drop for PerIp {
 }
 
 /// Runs one accepted TCP connection: the TLS handshake when configured, then the rest.
-pub(super) async fn serve_client(
+///
+/// Not an `async fn`: its future would hold its arguments besides the future it hands them
+/// to (128 bytes of every connection's task); this returns that future itself.
+pub(super) fn serve_client(
     inner: Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
     events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
-) {
+) -> impl Future<Output = ()> + Send {
     // Our writes are batched already; Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
     #[cfg(feature = "tls")]
@@ -152,10 +156,13 @@ pub(super) async fn serve_client(
         // Boxed: the TLS handshake's and a TLS stream's states are larger, and every plain
         // connection's future (the bulk of an idle connection's memory) would otherwise be
         // as large as a TLS one's.
-        return Box::pin(serve_tls(inner, stream, addr, events, permit)).await;
+        return Either::<Boxed, _>::Left(Box::pin(serve_tls(inner, stream, addr, events, permit)));
     }
-    serve_stream(inner, stream, addr, events, permit, None).await
+    Either::<Boxed, _>::Right(serve_stream(inner, stream, addr, events, permit, None))
 }
+
+/// A boxed connection future (a TLS connection's).
+type Boxed = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs the TLS handshake, then the rest of the connection over TLS.
 #[cfg(feature = "tls")]

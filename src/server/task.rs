@@ -1,6 +1,56 @@
 //! One client's task: from an accepted stream through admission, registration and the
 //! `Connected` event, the connection itself, to the `Disconnected` event or the parking of
 //! its session for the client to come back.
+//!
+//! # What an idle connection costs
+//!
+//! Issue 17 asks for at most 4 KiB of resident memory per idle tutorial connection. Where
+//! it goes, measured on 2,000 idle connections (heaptrack's peak allocations by call site,
+//! on a scratch server with the system allocator; future sizes from `cargo +nightly rustc
+//! --release --lib -- -Zprint-type-sizes`), before (main at `0045d3b`) and after this work:
+//!
+//! | what | before | after | why it is what it is now |
+//! |---|---|---|---|
+//! | task: tokio's cell around the connection's future | 6,400 | 3,072 | [`serve_stream`], [`run_client`], `drive` |
+//! | socket: tokio's I/O registration (`ScheduledIo`) | 256 | 256 | tokio's, one per socket |
+//! | registry entry: the `ClientHandle` in its `Arc` | 440 | 440 | one allocation, its locks inside it |
+//! | outbox: the queue's shared state | 176 | 176 | no queue buffer until a first message (`outbox.rs`) |
+//! | timers: the frame timeout's `Sleep` | 112 | 0 | only while a frame is partial (`liveness.rs`) |
+//! | the client's close token (a child of shutdown's) | 112 | 112 | what a kick or shutdown fires |
+//! | the connection's own token (a child of that) | 112 | 0 | the close token itself without a session (`registry.rs`) |
+//! | the stream's two halves (`tokio::io::split`) | 64 | 64 | |
+//! | the handler (`serve --discard`'s counter) | 48 | 48 | the application's |
+//! | registry map slot, shutdown's list of children | ≈ 50 | ≈ 40 | shared structures, per client |
+//! | **allocated** | ≈ 7,800 | ≈ 4,200 | |
+//!
+//! Resident memory is more than what is allocated: mimalloc serves each size from a class
+//! (the 6,400-byte task took a 7,168-byte block; 3,072 is a class of its own) and keeps
+//! some pages of freed blocks. `bench/idle` measured 8,858 bytes per connection before and
+//! about 4,900 after, at 19,000 connections (docs/benchmarks.md, *Idle connections*). The
+//! kernel's socket buffers are not in that figure (nor in the process's resident memory).
+//!
+//! The task's future was the bulk: 6,168 bytes, of which 1,768 were `serve_stream`'s around
+//! `run_client`, 1,472 `run_client`'s around `drive`, and 2,752 `drive`'s. What made it so,
+//! and what it is now:
+//! - an `async fn` keeps every argument twice (the argument, and the local it is moved
+//!   into): [`serve_stream`], [`run_client`], `drive` and `accept::serve_client` return
+//!   `async move` blocks instead, which hold each captured value once;
+//! - a future is as large as its largest stage, plus every local two stages share: the
+//!   stages before the connection runs (detection, handshake, a session's resumption, the
+//!   `Connected` event: 2,400 bytes) are [`setup`]'s future, boxed for those first moments
+//!   only, and what follows the connection is `after_link`'s, awaited once;
+//! - values moved into a nested future stay in the outer one too: `drive` borrows the
+//!   reader and the writer, and sessions' state (`Session`, 152 bytes; `Acks`, 80) is boxed,
+//!   as only sessions use it;
+//! - waits that only happen under pressure (a full event stream, a rate limit) box their
+//!   futures when they happen (`delivery.rs`), rather than sizing every task for them.
+//!
+//! What is left of the 3,072 bytes is mostly `drive`'s (2,400): its read loop's future (a
+//! stage per kind of frame), its write loop's `select!` over five waits (the close token,
+//! control frames, the handler's replies, the outbox, a session's acknowledgements), the
+//! connection's clocks and counters. Under 2,048 (the next size class down; 4 KiB resident
+//! needs about that) would take a write loop that waits on one waker instead of five
+//! futures, and a read loop whose rare stages are boxed like the pressure waits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,14 +77,64 @@ use crate::session::Session;
 /// the resumption of a session), the `Connected` event, the connection itself, and the
 /// `Disconnected` event. `cert_name` is the name in the client's TLS certificate (mutual
 /// TLS), which wins over a hello's name.
-pub(super) async fn serve_stream<S>(
+///
+/// In two stages, for what an idle connection costs (every connection's task future is
+/// allocated whole when it is spawned, and stays that size for its life): everything before
+/// the connection runs ([`setup`]: detection, the handshake, registration, a session's
+/// resumption or takeover, the `Connected` event) is a future of its own on the heap for
+/// those first moments, and what stays is only [`run_client`]'s. As one `async fn` the task
+/// was as large as its largest stage plus every local that two of its stages shared: 5,992
+/// bytes, of which 1,768 around `run_client`'s 4,224 (`-Zprint-type-sizes`, 2026-12-07).
+/// Not an `async fn` itself, for the reason given at [`run_client`].
+pub(super) fn serve_stream<S>(
     inner: Arc<Inner>,
     stream: S,
     addr: SocketAddr,
     events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
     cert_name: Option<String>,
-) where
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    // Boxed before the future is made, so that this one holds only the box (not the
+    // arguments it takes); and what it gives back is taken apart in a `let … else`, whose
+    // value ends with the statement, rather than kept whole (552 bytes) beside `run_client`.
+    let setup = Box::pin(setup(
+        inner.clone(),
+        stream,
+        addr,
+        events.clone(),
+        permit,
+        cert_name,
+    ));
+    async move {
+        let Some((link, kept, permit)) = setup.await else {
+            return;
+        };
+        run_client(inner, link, kept, events, permit).await;
+    }
+}
+
+/// A client ready to run: its connection, what it keeps across connections, and its slot.
+type Ready<S> = (
+    Link<tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>>,
+    Kept,
+    Slot,
+);
+
+/// The first stage of [`serve_stream`]: admits and registers the client (or resumes its
+/// session) and announces it; `None` when there is nothing to run (not admitted, refused,
+/// or already gone and reported).
+async fn setup<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    addr: SocketAddr,
+    events: mpsc::Sender<Batch<ServerEvent>>,
+    permit: Slot,
+    cert_name: Option<String>,
+) -> Option<Ready<S>>
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let config = &inner.config;
@@ -57,7 +157,7 @@ pub(super) async fn serve_stream<S>(
             // Never reported to the application: it was never connected. (A registration
             // made at accept ends with `early`, unannounced.)
             tracing::debug!(%addr, why, "connection not admitted");
-            return;
+            return None;
         }
     };
     let mode = admitted.mode;
@@ -93,7 +193,7 @@ pub(super) async fn serve_stream<S>(
             Err(why) => {
                 tracing::info!(%addr, %token, why, "session not resumed");
                 reject(&mut writer, RejectCode::SessionUnknown, why).await;
-                return;
+                return None;
             }
         };
         let handle = parked.registration.handle.clone();
@@ -113,20 +213,16 @@ pub(super) async fn serve_stream<S>(
             if claimed {
                 // A session taken over from another node for a client that left again (it
                 // gave up waiting, say): kept here for it to come back, like any other.
-                let Some(grace) = config.session_grace else {
-                    return;
-                };
-                let Some(_suspension) = Suspension::take(&inner) else {
-                    return;
-                };
+                let grace = config.session_grace?;
+                let _suspension = Suspension::take(&inner)?;
                 let parking = handle.park(parked);
                 if let Some(reason) = watch_parked(&inner, &handle, parking, grace, &events).await {
                     departed(&inner, &events, &handle, reason).await;
                 }
-                return;
+                return None;
             }
             handle.unpark_failed(parked);
-            return;
+            return None;
         }
         // The resume stands: the watch of the old connection's parking stops (it was waiting
         // to expire the session).
@@ -153,16 +249,16 @@ pub(super) async fn serve_stream<S>(
             writer,
             held: None,
             silent: false,
-            addr,
+            close: handle.new_link(addr),
         };
         let kept = Kept {
             registration,
             outbox,
-            session: Some(session),
+            session: Some(Box::new(session)),
             handler,
             replies,
         };
-        return run_client(inner, link, kept, events, permit).await;
+        return Some((link, kept, permit));
     }
 
     let name = cert_name.unwrap_or(admitted.name);
@@ -225,7 +321,7 @@ pub(super) async fn serve_stream<S>(
     let session = handle
         .session
         .as_ref()
-        .map(|key| Session::new(key.token, config.session_window));
+        .map(|key| Box::new(Session::new(key.token, config.session_window)));
     if mode == Mode::Sockframe {
         let grant = match &session {
             Some(s) => SessionGrant::New(s.token),
@@ -233,7 +329,7 @@ pub(super) async fn serve_stream<S>(
         };
         if let Err(e) = send_welcome(config, &mut writer, welcome(config, client, grant)).await {
             tracing::debug!(%addr, error = %e, "could not send the welcome");
-            return;
+            return None;
         }
     }
     if mode == Mode::Sockframe {
@@ -246,14 +342,14 @@ pub(super) async fn serve_stream<S>(
         drop(registration);
         drop(permit);
         departed(&inner, &events, &handle, reason).await;
-        return;
+        return None;
     }
     let link = Link {
         reader,
         writer,
         held: admitted.held,
         silent: admitted.silent,
-        addr,
+        close: handle.new_link(addr),
     };
     let handler = inner.make_handler.as_ref().map(|make| make(client, addr));
     let kept = Kept {
@@ -263,7 +359,7 @@ pub(super) async fn serve_stream<S>(
         handler,
         replies: crate::connection::Replies::new(config.outbox),
     };
-    run_client(inner, link, kept, events, permit).await;
+    Some((link, kept, permit))
 }
 
 /// Starts a sockframe client's file transfer engine, which lives as long as the client
@@ -335,7 +431,9 @@ impl Early {
 pub(super) struct Kept {
     registration: registry::Registration,
     outbox: crate::outbox::OutboxReceiver,
-    session: Option<Session>,
+    /// Boxed: 152 bytes, which only sockframe clients with a session use, beside every
+    /// connection's [`drive`] for its whole life.
+    session: Option<Box<Session>>,
     handler: Option<Box<dyn crate::Handler>>,
     /// The handler's replies not yet written (see [`Parked::replies`]).
     replies: crate::connection::Replies,
@@ -349,83 +447,109 @@ pub(super) struct Link<R, W> {
     held: Option<Bytes>,
     /// See [`Admitted::silent`].
     silent: bool,
-    addr: SocketAddr,
+    /// Fired to end this connection ([`ClientHandle::new_link`]), taken when it is made
+    /// (rather than keeping its address until then: 32 bytes against 8).
+    ///
+    /// [`ClientHandle::new_link`]: registry::ClientHandle::new_link
+    close: tokio_util::sync::CancellationToken,
 }
 
 /// Runs a registered client's connection; afterwards either ends the client (the
 /// `Disconnected` event) or, when a session survives a network failure, parks the session
 /// and keeps it for [`ServerConfig::session_grace`] for the client to come back.
-pub(super) async fn run_client<R, W>(
+///
+/// Its future is most of what an idle connection's task holds, so it is kept small:
+/// - not an `async fn`: an `async fn` keeps each argument twice in its future (as the
+///   argument, and as the local it is moved into), and `link` and `kept` are 504 bytes;
+/// - `kept` is used field by field, never destructured into new locals (a copy of each);
+/// - the connection's reader and writer stay here, lent to [`drive`]'s future.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn run_client<R, W>(
     inner: Arc<Inner>,
-    link: Link<R, W>,
-    kept: Kept,
+    mut link: Link<R, W>,
+    mut kept: Kept,
     events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
-) where
+) -> impl Future<Output = ()>
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let Kept {
-        registration,
-        outbox: mut outbox_rx,
-        mut session,
-        mut handler,
-        replies,
-    } = kept;
+    async move {
+        let config = &inner.config;
+        let handle = kept.registration.handle.clone();
+        let client = handle.id;
+        // The client's file transfers live as long as it does: across a session's connections.
+        let transfers = lock_transfers(&inner).get(&client).cloned();
+        let outcome = drive(
+            &mut link.reader,
+            &mut link.writer,
+            &mut link.held,
+            Drive {
+                mode: handle.mode,
+                max_body: config.max_frame,
+                refuse_late_hello: link.silent,
+                outbox: &mut kept.outbox,
+                reply: &handle.outbox,
+                pending: &handle.pending,
+                events: &events,
+                message_tag: client.0,
+                on_request: |request| ServerEvent::Request { client, request },
+                traffic: &handle.traffic,
+                close: &link.close,
+                close_order: || handle.close_order(),
+                drain_deadline: config.drain_deadline,
+                heartbeat: config.heartbeat,
+                idle_timeout: config.idle_timeout,
+                frame_timeout: config.frame_timeout,
+                rate_limit: config.rate_limit,
+                session: kept.session.as_deref_mut(),
+                transfers: transfers.as_ref().map(|t| t.inbox()),
+                handler: kept
+                    .handler
+                    .as_deref_mut()
+                    .map(|h| h as &mut dyn crate::Handler),
+                reply_policy: config.send_policy,
+                replies: &kept.replies,
+            },
+        )
+        .await;
+        drop(transfers);
+        // In a future of its own, awaited once: the locals of what follows the connection
+        // (several waits) would otherwise be kept beside `drive`'s future, idle or not.
+        after_link(&inner, &events, &handle, kept, permit, outcome).await;
+    }
+}
+
+/// What follows a client's connection: the client ends (the `Disconnected` event), or its
+/// session is parked and watched for the client to come back.
+async fn after_link(
+    inner: &Arc<Inner>,
+    events: &mpsc::Sender<Batch<ServerEvent>>,
+    handle: &Arc<registry::ClientHandle>,
+    kept: Kept,
+    permit: Slot,
+    outcome: crate::connection::Outcome,
+) {
     let config = &inner.config;
-    let handle = registration.handle.clone();
     let client = handle.id;
-    let close = handle.new_link(link.addr);
-    // The client's file transfers live as long as it does: across a session's connections.
-    let transfers = lock_transfers(&inner).get(&client).cloned();
-    let outcome = drive(
-        link.reader,
-        link.writer,
-        link.held,
-        Drive {
-            mode: handle.mode,
-            max_body: config.max_frame,
-            refuse_late_hello: link.silent,
-            outbox: &mut outbox_rx,
-            reply: &handle.outbox,
-            pending: &handle.pending,
-            events: &events,
-            message_tag: client.0,
-            on_request: |request| ServerEvent::Request { client, request },
-            traffic: &handle.traffic,
-            close: &close,
-            close_order: || handle.close_order(),
-            drain_deadline: config.drain_deadline,
-            heartbeat: config.heartbeat,
-            idle_timeout: config.idle_timeout,
-            frame_timeout: config.frame_timeout,
-            rate_limit: config.rate_limit,
-            session: session.as_mut(),
-            transfers: transfers.as_ref().map(|t| t.inbox()),
-            handler: handler.as_deref_mut().map(|h| h as &mut dyn crate::Handler),
-            reply_policy: config.send_policy,
-            replies: &replies,
-        },
-    )
-    .await;
-    drop(transfers);
     // Counts this session among the suspended ones while it waits.
     let mut suspension = None;
-    let keep = session.is_some()
+    let keep = kept.session.is_some()
         && outcome.link_failed()
         && !handle.close.is_cancelled()
-        && Suspension::take(&inner).is_some_and(|s| {
+        && Suspension::take(inner).is_some_and(|s| {
             suspension = Some(s);
             true
         });
     let mut reason = outcome.reason;
     // The connection slot is free whether or not the session lives on.
     drop(permit);
-    if let (true, Some(session), Some(grace)) = (keep, session, config.session_grace) {
+    if let (true, Some(session), Some(grace)) = (keep, kept.session, config.session_grace) {
         tracing::debug!(%client, %reason, "connection lost; session kept");
         emit(
-            &inner,
-            &events,
+            inner,
+            events,
             ServerEvent::Suspended {
                 client,
                 reason: reason.clone(),
@@ -433,28 +557,28 @@ pub(super) async fn run_client<R, W>(
         )
         .await;
         let parking = handle.park(Parked {
-            session,
-            outbox: outbox_rx,
-            registration,
-            handler,
-            replies,
+            session: *session,
+            outbox: kept.outbox,
+            registration: kept.registration,
+            handler: kept.handler,
+            replies: kept.replies,
         });
-        match watch_parked(&inner, &handle, parking, grace, &events).await {
+        match watch_parked(inner, handle, parking, grace, events).await {
             Some(ended) => reason = ended,
             None => return,
         }
     } else {
-        end_transfers(&inner, client);
+        end_transfers(inner, client);
         handle.pending.fail_all();
         // Fail sends still waiting for room in this client's queue now: an application
         // blocked in such a send may be the one that must read the event below.
-        drop(outbox_rx);
+        drop(kept.outbox);
         // Unregister before reporting, so that `clients()` never lists a client already
         // reported gone and a client may reconnect as soon as it is.
-        drop(registration);
+        drop(kept.registration);
     }
     tracing::debug!(%client, %reason, "disconnected");
-    departed(&inner, &events, &handle, reason).await;
+    departed(inner, events, handle, reason).await;
 }
 
 /// Counts a client's departure and reports it (`Disconnected`).

@@ -1,15 +1,17 @@
 //! Connections of `sockframe bench`: TCP or TLS, and the sockframe handshake.
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
 use sockframe::tls::{ClientTls, ClientTlsOptions, ReadAhead, RecordWrites};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -87,6 +89,9 @@ pub struct Connector {
     hello: Option<Arc<[u8]>>,
     /// Whether the hello asks for a lossless session.
     session: bool,
+    /// The last byte of the loopback address connections come from (127.0.0.x), shared by
+    /// every clone: 1 (the address the system picks) until its ports run out.
+    source: Arc<AtomicU8>,
 }
 
 /// TLS settings of `sockframe bench`.
@@ -135,13 +140,15 @@ impl Connector {
             tls,
             hello,
             session: wire.session,
+            source: Arc::new(AtomicU8::new(1)),
         })
     }
 
     /// Opens one connection, ready for load.
     pub async fn connect(&self) -> Result<Conn> {
         let addr = &self.addr;
-        let tcp = TcpStream::connect(addr)
+        let tcp = self
+            .tcp()
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         tcp.set_nodelay(true)?;
@@ -172,6 +179,97 @@ impl Connector {
     }
 }
 
+impl Connector {
+    /// A TCP connection to the server. One source address has about 28,000 ports (Linux's
+    /// default `ip_local_port_range`), fewer when earlier runs left many in `TIME_WAIT`; a
+    /// server on an IPv4 loopback address is reached from 127.0.0.2, .3, … once 127.0.0.1
+    /// has none left (any 127.x address is this machine's), so that `--mode idle` can hold
+    /// as many connections as the file limits allow.
+    async fn tcp(&self) -> io::Result<TcpStream> {
+        let mut target = None;
+        // Bounded: every failed attempt moves the source on by one, and .254 is the last.
+        loop {
+            let source = self.source.load(Ordering::Relaxed);
+            if source > 1 && target.is_none() {
+                target = Some(loopback_v4(&self.addr).await?);
+            }
+            let attempt = match target {
+                Some(to) if source > 1 => connect_from(source, to).await,
+                _ => TcpStream::connect(&self.addr).await,
+            };
+            match attempt {
+                Err(e) if out_of_ports(&e) && source < 254 => {
+                    if target.is_none() {
+                        // Not loopback: there is no other source address to try.
+                        let Ok(to) = loopback_v4(&self.addr).await else {
+                            return Err(e);
+                        };
+                        target = Some(to);
+                    }
+                    // Another connection may have moved it on already; either way, the next.
+                    let _ = self.source.compare_exchange(
+                        source,
+                        source + 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                done => return done,
+            }
+        }
+    }
+}
+
+/// Connects to `to` from 127.0.0.`source`.
+async fn connect_from(source: u8, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, source), 0)))?;
+    socket.connect(to).await
+}
+
+/// Whether a connect failed for want of a local port: `EADDRNOTAVAIL` from `connect`,
+/// `EADDRINUSE` from a `bind` to a chosen address.
+fn out_of_ports(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+    )
+}
+
+/// Raises the soft limit on open files (up to the hard one) if `conns` connections and a
+/// few files besides need more; says so on stderr when even the hard limit is short, since
+/// the connections past it would fail one by one.
+#[cfg(unix)]
+pub fn raise_nofile(conns: u64) {
+    use rlimit::Resource;
+    let need = conns.saturating_add(64);
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    let now = rlimit::increase_nofile_limit(need.min(hard)).unwrap_or(soft);
+    if now < need {
+        eprintln!(
+            "warning: the open file limit is {now} (hard limit {hard}): too low for {conns} \
+             connections; raise it with ulimit -n"
+        );
+    }
+}
+
+/// No limit to raise here.
+#[cfg(not(unix))]
+pub fn raise_nofile(_conns: u64) {}
+
+/// `addr` resolved, if it is an IPv4 loopback address (127.0.0.0/8).
+async fn loopback_v4(addr: &str) -> io::Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await?
+        .find(|a| matches!(a, SocketAddr::V4(v4) if v4.ip().is_loopback()))
+        .ok_or_else(|| io::Error::other(format!("{addr} is not an IPv4 loopback address")))
+}
+
 /// The host part of `host:port` or `[v6]:port`.
 fn host_of(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {
@@ -186,6 +284,17 @@ fn host_of(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::host_of;
+
+    #[tokio::test]
+    async fn connections_come_from_the_source_address_asked_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        assert_eq!(super::loopback_v4(&to.to_string()).await.unwrap(), to);
+        let _client = super::connect_from(3, to).await.unwrap();
+        let (_, from) = listener.accept().await.unwrap();
+        assert_eq!(from.ip(), std::net::Ipv4Addr::new(127, 0, 0, 3));
+        assert!(super::loopback_v4("[::1]:80").await.is_err());
+    }
 
     #[test]
     fn hosts() {

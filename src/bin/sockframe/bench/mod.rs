@@ -409,6 +409,7 @@ fn connector_wire(args: &Args) -> Wire {
 
 /// Opens `n` connections and says how long it took.
 async fn connect(args: &Args, connector: &Connector, n: u64) -> Result<(Vec<Conn>, Duration)> {
+    conn::raise_nofile(n);
     let n = usize::try_from(n).unwrap_or(usize::MAX);
     let started = Instant::now();
     let conns = connect_all(connector, n).await?;
