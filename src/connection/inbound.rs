@@ -82,7 +82,7 @@ where
                 && self.bucket.is_none()
                 && !self.refuse_late_hello.load(Ordering::Relaxed)
             {
-                if let Err(reason) = self.drain(reader, held, batch, handling.as_mut()) {
+                if let Err(reason) = self.drain(reader, batch, handling.as_mut()) {
                     return reason;
                 }
                 if handling.as_ref().is_some_and(|h| h.reply.is_some()) {

@@ -76,6 +76,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (taken, self.inner.read_buffer_mut().split_to(at).freeze())
     }
 
+    /// Puts `rest`, bytes taken with [`take_frames`](Self::take_frames) but not used, back
+    /// before what the buffer holds. A copy: for the rare case of a run cut short.
+    pub(crate) fn unread(&mut self, rest: &[u8]) {
+        if rest.is_empty() {
+            return;
+        }
+        let buf = self.inner.read_buffer_mut();
+        let mut joined = BytesMut::with_capacity((rest.len() + buf.len()).max(buf.capacity()));
+        joined.extend_from_slice(rest);
+        joined.extend_from_slice(buf);
+        *buf = joined;
+    }
+
     /// The walk of both: calls `f` with each complete frame's offset and payload while it
     /// says so; returns the frames taken and where they end. Moves nothing.
     #[inline]
