@@ -331,6 +331,36 @@ fn count_handed_over(
     })
 }
 
+/// The end of a test that moved a client among `nodes`: exactly one node holds it; then it
+/// closes, the nodes shut down, and their `counters` must have seen at least `moves`
+/// hand-overs and, besides them, only the client's own close.
+async fn end_of_moves(
+    nodes: [&Server; 3],
+    client: Client,
+    id: ClientId,
+    counters: [tokio::task::JoinHandle<(u64, Vec<sockframe::DisconnectReason>)>; 3],
+    moves: u64,
+) {
+    let holder = nodes
+        .into_iter()
+        .filter(|n| n.local_clients().iter().any(|c| c.id == id))
+        .count();
+    assert_eq!(holder, 1, "exactly one node holds the client");
+    let _ = client.close().await;
+    for server in nodes {
+        server.shutdown().await;
+    }
+    let (mut handed, mut others) = (0, Vec::new());
+    for counter in counters {
+        let (h, o) = timeout(WAIT, counter).await.unwrap().unwrap();
+        handed += h;
+        others.extend(o);
+    }
+    assert!(handed >= moves, "sessions handed over: {handed}");
+    // The only other departure is the client's own close at the end.
+    assert_eq!(others.len(), 1, "{others:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_messages_follow_a_client_moved_between_nodes() {
     const N: u64 = 10_000;
@@ -400,24 +430,7 @@ async fn ten_thousand_messages_follow_a_client_moved_between_nodes() {
     }
     timeout(WAIT, sender).await.unwrap().unwrap();
     // Every resume landed on another node: each took the session from the one before.
-    let holder = [&a, &b, &c]
-        .into_iter()
-        .filter(|n| n.local_clients().iter().any(|c| c.id == id))
-        .count();
-    assert_eq!(holder, 1, "exactly one node holds the client");
-    let _ = client.close().await;
-    for server in [&a, &b, &c] {
-        server.shutdown().await;
-    }
-    let (mut handed, mut others) = (0, Vec::new());
-    for counter in counters {
-        let (h, o) = timeout(WAIT, counter).await.unwrap().unwrap();
-        handed += h;
-        others.extend(o);
-    }
-    assert!(handed >= MOVES, "sessions handed over: {handed}");
-    // The only other departure is the client's own close at the end.
-    assert_eq!(others.len(), 1, "{others:?}");
+    end_of_moves([&a, &b, &c], client, id, counters, MOVES).await;
 }
 
 /// What a broadcast from the test's nodes says: `NODE:INDEX`, or `NODE:end` after the last.
@@ -550,23 +563,7 @@ async fn broadcasts_reach_a_client_moved_between_nodes_exactly_once_in_order() {
         outages.get(outages.len() / 2),
         outages.last()
     );
-    let holder = [&a, &b, &c]
-        .into_iter()
-        .filter(|n| n.local_clients().iter().any(|c| c.id == id))
-        .count();
-    assert_eq!(holder, 1, "exactly one node holds the client");
-    let _ = client.close().await;
-    for server in [&a, &b, &c] {
-        server.shutdown().await;
-    }
-    let (mut handed, mut others) = (0, Vec::new());
-    for counter in counters {
-        let (h, o) = timeout(WAIT, counter).await.unwrap().unwrap();
-        handed += h;
-        others.extend(o);
-    }
-    assert!(handed >= MOVES, "sessions handed over: {handed}");
-    assert_eq!(others.len(), 1, "{others:?}");
+    end_of_moves([&a, &b, &c], client, id, counters, MOVES).await;
 }
 
 #[tokio::test]
