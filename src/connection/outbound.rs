@@ -126,6 +126,11 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
         for waiter in lane.flushed.drain(..) {
             waiter.done();
         }
+        // Nothing more to write right now: the connection may be idle for long, and must not
+        // keep the memory of its largest batch (see `FrameWriter::release_idle`).
+        if outbox.is_empty() && control.replies.is_empty() {
+            lane.writer.release_idle();
+        }
     }
 }
 
