@@ -10,9 +10,8 @@
 //!
 //! The queue itself is a `VecDeque` behind a mutex rather than a `tokio::sync::mpsc` channel:
 //! the channel allocates its first block (32 slots, about 1.8 KB with our items) when it is
-//! created, so every idle connection paid for it; an empty `VecDeque` allocates nothing until
-//! the first message, and what a burst grew is given back when the receiver next waits (see
-//! [`KEEP_SLOTS`]). The waiting is still tokio's: senders wait in the semaphores (fair, and
+//! created, so every idle connection paid for it; an empty queue allocates nothing until the
+//! first message, and what a burst grew is given back as it drains (see [`Blocks`]). The waiting is still tokio's: senders wait in the semaphores (fair, and
 //! cancel-safe: an abandoned `acquire` returns what it took), and the one receiver parks its
 //! waker in the queue's state under the same lock the senders push under, so no wake-up is
 //! lost.
@@ -76,10 +75,89 @@ pub(crate) enum TrySendError {
     Closed,
 }
 
-/// Queue slots kept allocated when the receiver waits on an empty queue. A burst may grow the
-/// queue up to the count bound (1,024 items, ~57 KB by default); an idle connection should not
-/// keep that, while a steady stream of small batches should not reallocate on every batch.
-const KEEP_SLOTS: usize = 64;
+/// Items per block of a queue ([`Blocks`]): 16 × 56-byte `Outgoing`s, 896 bytes, an
+/// allocation of the allocator's small size classes.
+const BLOCK: usize = 16;
+
+/// A FIFO queue held in blocks of [`BLOCK`] items: memory follows what is queued right now,
+/// block by block, and a queue that empties holds nothing.
+///
+/// Why not one `VecDeque`: a burst grows a `VecDeque` by doubling (to 512 items, 28 KB, for a
+/// broadcast window of 512; 1,024 at most) and it keeps that capacity until something shrinks
+/// it. Kept, every connection that ever had a burst holds its peak; shrunk when the queue
+/// empties (an earlier design kept 64 slots), every burst grew it again, and with 10,000
+/// readers of broadcasts those regrowths were the server's main cost: 27 % of its CPU
+/// zeroing the fresh pages of 28 KB reallocations (`perf`, docs/benchmarks.md, "Broadcast to
+/// 10,000 clients"), plus each reallocation's copy. Blocks of 896 bytes come from and go back
+/// to the allocator's per-thread free lists (the blocks a connection frees are the next
+/// connection's, warm), nothing is ever copied to grow, and a drained queue has freed them
+/// all: an idle connection's queue holds no heap memory, however large its last burst was.
+#[derive(Debug)]
+struct Blocks<T> {
+    /// Oldest block first; only the last one is pushed to, only the first popped from.
+    blocks: VecDeque<VecDeque<T>>,
+    len: usize,
+}
+
+impl<T> Blocks<T> {
+    const fn new() -> Self {
+        Self {
+            blocks: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push_back(&mut self, item: T) {
+        match self.blocks.back_mut() {
+            Some(block) if block.len() < BLOCK => block.push_back(item),
+            _ => {
+                let mut block = VecDeque::with_capacity(BLOCK);
+                block.push_back(item);
+                self.blocks.push_back(block);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let front = self.blocks.front_mut()?;
+        let item = front.pop_front()?;
+        self.len -= 1;
+        if front.is_empty() {
+            self.blocks.pop_front();
+            if self.blocks.is_empty() {
+                // Drained: the list of blocks goes too (a burst of 1,024 items grew it to 64
+                // entries, 2 KB).
+                self.blocks = VecDeque::new();
+            }
+        }
+        Some(item)
+    }
+
+    /// Heap bytes held (blocks at their capacity, and the list of them).
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        self.blocks.capacity() * size_of::<VecDeque<T>>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.capacity() * size_of::<T>())
+                .sum::<usize>()
+    }
+
+    /// Everything queued, oldest first.
+    fn take_all(&mut self) -> VecDeque<T> {
+        self.len = 0;
+        std::mem::take(&mut self.blocks)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
 
 /// What senders and the receiver share.
 #[derive(Debug)]
@@ -96,7 +174,7 @@ struct Shared<T> {
 
 #[derive(Debug)]
 struct State<T> {
-    queue: VecDeque<T>,
+    queue: Blocks<T>,
     /// The receiver, parked on an empty queue.
     waker: Option<Waker>,
     /// The receiver is gone: nothing is queued any more.
@@ -166,7 +244,7 @@ pub(crate) fn outbox<T>(limits: OutboxLimits) -> (OutboxSender<T>, OutboxReceive
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            queue: VecDeque::new(),
+            queue: Blocks::new(),
             waker: None,
             closed: false,
         }),
@@ -263,14 +341,6 @@ impl<T: Weigh> OutboxReceiver<T> {
                 parked.waiting = false;
                 return Poll::Ready(None);
             }
-            // The connection is going idle: give back the memory of a drained burst. Only
-            // here, not whenever a drain empties the queue: under steady traffic the queue
-            // empties with every batch written, and shrinking there made it grow again with
-            // every batch (reallocations and fresh pages in a profile of broadcast to 1,000
-            // clients).
-            if state.queue.capacity() > KEEP_SLOTS {
-                state.queue.shrink_to(KEEP_SLOTS);
-            }
             match &mut state.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 w => *w = Some(cx.waker().clone()),
@@ -291,6 +361,11 @@ impl<T: Weigh> OutboxReceiver<T> {
     /// Messages queued right now.
     pub(crate) fn len(&self) -> usize {
         self.shared.lock().queue.len()
+    }
+
+    /// Nothing is queued right now.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -335,7 +410,7 @@ impl<T> OutboxReceiver<T> {
         let mut state = self.shared.lock();
         state.closed = true;
         state.waker = None;
-        std::mem::take(&mut state.queue)
+        state.queue.take_all()
     }
 }
 
@@ -575,19 +650,57 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_queue_gives_its_room_back() {
+    fn a_drained_queue_gives_its_memory_back() {
         let (tx, mut rx) = outbox::<Bytes>(limits(1024, 1 << 20));
-        for _ in 0..1000 {
-            tx.try_send(Bytes::from_static(b"x")).unwrap();
+        for round in 0..3 {
+            for i in 0..1000 {
+                tx.try_send(Bytes::from(format!("{round}.{i}"))).unwrap();
+            }
+            // Memory follows what is queued: 1,000 items in 63 blocks.
+            let held = rx.shared.lock().queue.heap_bytes();
+            assert!(held >= 1000 * size_of::<Bytes>());
+            assert!(held <= 1024 * size_of::<Bytes>() + 64 * size_of::<VecDeque<Bytes>>());
+            for i in 0..500 {
+                assert_eq!(rx.try_recv().unwrap(), format!("{round}.{i}"));
+            }
+            // Half drained, half the blocks freed (the list of them stays until drained).
+            let list = 64 * size_of::<VecDeque<Bytes>>();
+            assert!(
+                rx.shared.lock().queue.heap_bytes() < held / 2 + BLOCK * size_of::<Bytes>() + list
+            );
+            for i in 500..1000 {
+                assert_eq!(rx.try_recv().unwrap(), format!("{round}.{i}"));
+            }
+            assert_eq!(rx.try_recv(), None);
+            // Drained: nothing kept.
+            assert_eq!(rx.shared.lock().queue.heap_bytes(), 0);
         }
-        while rx.try_recv().is_some() {}
-        // Kept while draining; given back once the receiver waits.
-        assert!(rx.shared.lock().queue.capacity() >= 1000);
-        let woken = Arc::new(Woken::default());
-        assert!(poll(pin!(rx.recv()), &woken).is_pending());
-        assert!(rx.shared.lock().queue.capacity() <= KEEP_SLOTS);
+        // Interleaved pushes and pops keep the order across blocks.
+        for i in 0..100 {
+            tx.try_send(Bytes::from(format!("{i}"))).unwrap();
+            if i % 3 == 0 {
+                rx.try_recv().unwrap();
+            }
+        }
+        assert_eq!(rx.len(), 100 - 34);
+        let rest: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
+        let want: Vec<_> = (34..100).map(|i| Bytes::from(format!("{i}"))).collect();
+        assert_eq!(rest, want);
         // An outbox that never held a message holds no queue memory.
         let (_tx, rx) = outbox::<Bytes>(OutboxLimits::default());
-        assert_eq!(rx.shared.lock().queue.capacity(), 0);
+        assert_eq!(rx.shared.lock().queue.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn close_and_drain_takes_everything_in_order() {
+        let (tx, mut rx) = outbox::<Bytes>(limits(1024, 1 << 20));
+        for i in 0..40 {
+            tx.try_send(Bytes::from(format!("{i}"))).unwrap();
+        }
+        rx.try_recv().unwrap();
+        let all: Vec<_> = rx.close_and_drain().into_iter().collect();
+        let want: Vec<_> = (1..40).map(|i| Bytes::from(format!("{i}"))).collect();
+        assert_eq!(all, want);
+        assert_eq!(tx.try_send(Bytes::new()), Err(TrySendError::Closed));
     }
 }

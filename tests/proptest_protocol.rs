@@ -223,10 +223,11 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    // Bodies on both sides of the writer's copy threshold (4 KiB): small ones are copied
+    // Bodies on both sides of the writer's copy threshold (512 bytes): small ones are copied
     // into one buffer, large ones are written from their own with vectored writes.
     let payload = prop_oneof![
         4 => proptest::collection::vec(any::<u8>(), 0..64),
+        1 => proptest::collection::vec(any::<u8>(), 400..700),
         1 => proptest::collection::vec(any::<u8>(), 4000..9000),
     ];
     prop_oneof![

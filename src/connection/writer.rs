@@ -11,10 +11,32 @@ use crate::protocol::frame::{HEADER_LEN, encode_header};
 
 /// Payloads up to this size are copied into the write buffer (one syscall for many frames);
 /// larger ones are written from their own buffer with vectored writes, never copied.
-const COPY_THRESHOLD: usize = 4 * 1024;
+///
+/// Why 512 bytes (it was 4 KiB): a copy is one more copy of the payload *per connection*. A
+/// broadcast queues one shared `Bytes` for every client; copied, each writer's batch held its
+/// own copy of up to 256 KiB of broadcasts (`BATCH_BYTES`): 793 MiB of server memory for
+/// 1,000 readers of 1 KiB broadcasts, 2.5–4.4 GiB for 10,000. Written by reference, a
+/// payload costs its writer one 16-byte `iovec` and one 32-byte `Bytes`, and the kernel
+/// copies it from the one shared buffer, warm in cache for the next reader. Below 512 bytes
+/// the references weigh as much as the copy (a 64-byte payload and its header in two
+/// `iovec`s would be 96 bytes of bookkeeping), so small payloads — the echo and sink paths'
+/// 64-byte messages — are still gathered into one buffer and one `write`. The earlier
+/// slowdown of by-reference 1 KiB frames (884 k against 1.28 M deliveries/s to 1,000 readers,
+/// docs/benchmarks.md) came from the 64 `iovec`s per write, 32 frames: see [`MAX_IOVECS`].
+const COPY_THRESHOLD: usize = 512;
 
-/// At most this many buffers go into one vectored write.
-const MAX_IOVECS: usize = 64;
+/// At most this many buffers go into one vectored write: Linux's limit (`UIO_MAXIOV`), so
+/// that a batch of frames written by reference (a header and a payload each: 512 frames of
+/// 512 bytes, 256 KiB) goes out in one system call, as a copied batch does.
+const MAX_IOVECS: usize = 1024;
+
+/// Writes of at most this many buffers build their `iovec`s in a smaller array (a 16 KiB
+/// array would be filled for every write, most of which have a few buffers).
+const FEW_IOVECS: usize = 64;
+
+/// A write buffer grown past this is given back when the connection has nothing more to
+/// write ([`FrameWriter::release_idle`]); smaller ones are kept for the next batch.
+const KEEP_BYTES: usize = 4 * 1024;
 
 /// Writes frames to a byte stream, batching them.
 ///
@@ -33,6 +55,13 @@ pub struct FrameWriter<W> {
     chunks: VecDeque<Bytes>,
     /// Bytes in `buf` and `chunks` together.
     pending: usize,
+    /// Bytes copied into `buf` since the last complete flush.
+    copied: usize,
+    /// Bytes the last batch copied: what a released buffer is allocated at when it is needed
+    /// again, at once rather than by doublings.
+    last_copied: usize,
+    /// The largest `buf` has been since it was last released (its allocation, roughly).
+    grown: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -44,6 +73,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             buf: BytesMut::new(),
             chunks: VecDeque::new(),
             pending: 0,
+            copied: 0,
+            last_copied: 0,
+            grown: 0,
         }
     }
 
@@ -59,15 +91,51 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn push_parts(&mut self, head: &[u8], payload: Bytes) -> Result<()> {
         let header = encode_header(head.len() + payload.len(), self.max_frame)?;
         self.pending += HEADER_LEN + head.len() + payload.len();
+        let copy = payload.len() <= COPY_THRESHOLD;
+        let need = HEADER_LEN + head.len() + if copy { payload.len() } else { 0 };
+        if self.buf.capacity() - self.buf.len() < need {
+            // A released buffer comes back at the last batch's size in one allocation.
+            self.buf
+                .reserve(need.max(self.last_copied.min(MAX_RESERVE)));
+        }
         self.buf.extend_from_slice(&header);
         self.buf.extend_from_slice(head);
-        if payload.len() <= COPY_THRESHOLD {
+        if copy {
             self.buf.extend_from_slice(&payload);
         } else {
-            self.chunks.push_back(self.buf.split().freeze());
+            self.seal();
             self.chunks.push_back(payload);
         }
         Ok(())
+    }
+
+    /// Moves what `buf` gathered to `chunks`.
+    fn seal(&mut self) {
+        self.grown = self.grown.max(self.buf.len() + self.buf.capacity());
+        self.copied += self.buf.len();
+        self.chunks.push_back(self.buf.split().freeze());
+    }
+
+    /// Gives back the write buffer's memory if it grew large, when everything is written and
+    /// the caller has nothing more to write right now.
+    ///
+    /// Kept, every connection would hold the largest batch it ever copied (up to 256 KiB)
+    /// for as long as it lives: after a burst of broadcasts, clients × 256 KiB however idle
+    /// they are again. Released, the buffer's memory follows the connections that are writing
+    /// now; a connection under steady traffic reallocates it once per batch at the last
+    /// batch's size (`last_copied`), an allocation the allocator serves from the buffer just
+    /// freed. An idle connection keeps at most [`KEEP_BYTES`].
+    pub fn release_idle(&mut self) {
+        if !self.buf.is_empty() || !self.chunks.is_empty() {
+            return;
+        }
+        if self.grown > KEEP_BYTES {
+            self.buf = BytesMut::new();
+            self.grown = 0;
+        }
+        if self.chunks.capacity() > FEW_IOVECS {
+            self.chunks = VecDeque::new();
+        }
     }
 
     /// Bytes pushed but not yet written.
@@ -79,21 +147,19 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Writes every pushed frame, then flushes the stream.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            self.chunks.push_back(self.buf.split().freeze());
+            self.seal();
         }
         while !self.chunks.is_empty() {
             let (io, chunks) = (&mut self.io, &self.chunks);
             // The slices are built on the stack at each poll rather than held across an
-            // `.await`: held, their 1 KiB would be part of every connection's future, idle or
-            // not (this future is nested in the connection's).
+            // `.await`: held, they would be part of every connection's future, idle or not
+            // (this future is nested in the connection's).
             let n = std::future::poll_fn(|cx| {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let mut count = 0;
-                for (slot, chunk) in slices.iter_mut().zip(chunks.iter()) {
-                    *slot = IoSlice::new(chunk);
-                    count += 1;
+                if chunks.len() <= FEW_IOVECS {
+                    poll_write_chunks::<FEW_IOVECS, _>(io, chunks, cx)
+                } else {
+                    poll_write_chunks::<MAX_IOVECS, _>(io, chunks, cx)
                 }
-                std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
             })
             .await?;
             if n == 0 {
@@ -102,6 +168,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             self.pending -= n;
             self.consume(n);
         }
+        self.last_copied = std::mem::take(&mut self.copied);
         self.io.flush().await
     }
 
@@ -131,5 +198,108 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
+    }
+}
+
+/// The most a released buffer is allocated at in advance (a batch copies at most about
+/// this much: `BATCH_BYTES` in `outbound.rs`).
+const MAX_RESERVE: usize = 256 * 1024;
+
+/// One vectored write of the first (at most `N`) chunks.
+fn poll_write_chunks<const N: usize, W: AsyncWrite + Unpin>(
+    io: &mut W,
+    chunks: &VecDeque<Bytes>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<io::Result<usize>> {
+    let mut slices = [IoSlice::new(&[]); N];
+    let mut count = 0;
+    for (slot, chunk) in slices.iter_mut().zip(chunks.iter()) {
+        *slot = IoSlice::new(chunk);
+        count += 1;
+    }
+    std::pin::Pin::new(io).poll_write_vectored(cx, &slices[..count])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frames of `payloads`, as the wire carries them.
+    fn framed(payloads: &[Bytes]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn shared_payloads_are_written_by_reference_and_small_ones_copied() {
+        let mut writer = FrameWriter::new(Vec::new(), 1 << 20);
+        // A burst of one 1 KiB broadcast, 300 times: more buffers than one small write takes.
+        let shared = Bytes::from(vec![7u8; 1024]);
+        let burst = vec![shared.clone(); 300];
+        for p in &burst {
+            writer.push(p.clone()).unwrap();
+        }
+        // Only the headers were copied; every payload is the one buffer.
+        assert_eq!(writer.copied + writer.buf.len(), 300 * HEADER_LEN);
+        let payloads = writer.chunks.iter().filter(|c| c.len() == 1024);
+        assert!(payloads.map(|c| c.as_ptr()).all(|p| p == shared.as_ptr()));
+        writer.flush().await.unwrap();
+        assert_eq!(writer.io, framed(&burst));
+        assert_eq!(writer.pending(), 0);
+
+        // Small payloads are gathered into the buffer: copied.
+        writer.io.clear();
+        let small: Vec<Bytes> = (0..1000u32)
+            .map(|i| Bytes::from(vec![i as u8; 64]))
+            .collect();
+        for p in &small {
+            writer.push(p.clone()).unwrap();
+        }
+        assert_eq!(writer.buf.len(), 1000 * (HEADER_LEN + 64));
+        writer.flush().await.unwrap();
+        assert_eq!(writer.io, framed(&small));
+        assert_eq!(writer.last_copied, 1000 * (HEADER_LEN + 64));
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_gives_its_buffers_back() {
+        let mut writer = FrameWriter::new(Vec::new(), 1 << 20);
+        let small: Vec<Bytes> = (0..1000u32)
+            .map(|i| Bytes::from(vec![i as u8; 64]))
+            .collect();
+        for p in &small {
+            writer.push(p.clone()).unwrap();
+        }
+        // Not while frames are pending.
+        writer.release_idle();
+        assert_eq!(writer.buf.len(), 1000 * (HEADER_LEN + 64));
+        writer.flush().await.unwrap();
+        writer.release_idle();
+        assert_eq!(writer.buf.capacity(), 0);
+        // The next batch starts at the last one's size: one allocation, no doublings.
+        writer.push(small[0].clone()).unwrap();
+        assert!(writer.buf.capacity() >= 1000 * (HEADER_LEN + 64));
+        writer.flush().await.unwrap();
+        // A small buffer is kept.
+        writer.release_idle();
+        assert_eq!(writer.grown, 0);
+        writer.push(small[0].clone()).unwrap();
+        writer.flush().await.unwrap();
+        writer.release_idle();
+        assert!(writer.grown > 0, "a small buffer is kept");
+
+        // The list of chunks of a large by-reference batch goes too.
+        let big = Bytes::from(vec![1u8; 1024]);
+        for _ in 0..300 {
+            writer.push(big.clone()).unwrap();
+        }
+        writer.flush().await.unwrap();
+        assert!(writer.chunks.capacity() > FEW_IOVECS);
+        writer.release_idle();
+        assert!(writer.chunks.capacity() <= FEW_IOVECS);
     }
 }
