@@ -12,12 +12,10 @@
 mod support;
 
 use sockframe::Message;
-use sockframe::server::ServerConfig;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use support::{WAIT, next_connected, rss_bytes, start_server_with, tutorial_config};
+use support::{WAIT, raw_tutorial_clients, rss_bytes};
 
 const CLIENTS: usize = 256;
 const BROADCASTS: usize = 256;
@@ -25,18 +23,7 @@ const SIZE: usize = 1024;
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_burst_of_small_broadcasts_is_not_copied_per_client() {
-    let (server, mut events) = start_server_with(ServerConfig {
-        max_connections: CLIENTS + 16,
-        max_connections_per_ip: CLIENTS + 16,
-        ..tutorial_config()
-    })
-    .await;
-    let addr = server.local_addr();
-    let mut clients = Vec::with_capacity(CLIENTS);
-    for _ in 0..CLIENTS {
-        clients.push(TcpStream::connect(addr).await.unwrap());
-        next_connected(&mut events).await;
-    }
+    let (server, _events, mut clients) = raw_tutorial_clients(CLIENTS).await;
 
     let before = rss_bytes();
     for n in 0..BROADCASTS {

@@ -10,30 +10,17 @@
 mod support;
 
 use sockframe::Message;
-use sockframe::server::ServerConfig;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use support::{WAIT, next_connected, rss_bytes, start_server_with, tutorial_config};
+use support::{WAIT, raw_tutorial_clients, rss_bytes};
 
 const CLIENTS: usize = 256;
 const SIZE: usize = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_is_one_buffer_whatever_the_number_of_clients() {
-    let (server, mut events) = start_server_with(ServerConfig {
-        max_connections: CLIENTS + 16,
-        max_connections_per_ip: CLIENTS + 16,
-        ..tutorial_config()
-    })
-    .await;
-    let addr = server.local_addr();
-    let mut clients = Vec::with_capacity(CLIENTS);
-    for _ in 0..CLIENTS {
-        clients.push(TcpStream::connect(addr).await.unwrap());
-        next_connected(&mut events).await;
-    }
+    let (server, _events, mut clients) = raw_tutorial_clients(CLIENTS).await;
 
     let before = rss_bytes();
     let payload: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();

@@ -331,6 +331,37 @@ fn count_handed_over(
     })
 }
 
+/// Three nodes behind a round-robin balancer (each new connection goes to the next node, a,
+/// b, c, a, ...), and a session client connected through it to node a: the Redis server
+/// (kept for the test's length), the nodes, the balancer, the client, its id, and a count of
+/// each node's departures ([`count_handed_over`]).
+async fn moving_client() -> (
+    RedisServer,
+    [Server; 3],
+    FaultProxy,
+    Client,
+    ClientId,
+    [tokio::task::JoinHandle<(u64, Vec<sockframe::DisconnectReason>)>; 3],
+) {
+    let redis = RedisServer::start();
+    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
+    let (b, eb, _) = node_with(&redis, "b", support::config()).await;
+    let (c, ec, _) = node_with(&redis, "c", support::config()).await;
+    let proxy = FaultProxy::start_balancing(
+        vec![a.local_addr(), b.local_addr(), c.local_addr()],
+        FaultConfig::no_cuts(),
+    )
+    .await;
+    let client = Client::connect(session_client(proxy.addr())).await.unwrap();
+    let id = next_connected(&mut ea).await;
+    let counters = [
+        count_handed_over(ea),
+        count_handed_over(eb),
+        count_handed_over(ec),
+    ];
+    (redis, [a, b, c], proxy, client, id, counters)
+}
+
 /// The end of a test that moved a client among `nodes`: exactly one node holds it; then it
 /// closes, the nodes shut down, and their `counters` must have seen at least `moves`
 /// hand-overs and, besides them, only the client's own close.
@@ -365,23 +396,7 @@ async fn end_of_moves(
 async fn ten_thousand_messages_follow_a_client_moved_between_nodes() {
     const N: u64 = 10_000;
     const MOVES: u64 = 6;
-    let redis = RedisServer::start();
-    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
-    let (b, eb, _) = node_with(&redis, "b", support::config()).await;
-    let (c, ec, _) = node_with(&redis, "c", support::config()).await;
-    // A round-robin balancer: each new connection goes to the next node, a, b, c, a, ...
-    let proxy = FaultProxy::start_balancing(
-        vec![a.local_addr(), b.local_addr(), c.local_addr()],
-        FaultConfig::no_cuts(),
-    )
-    .await;
-    let mut client = Client::connect(session_client(proxy.addr())).await.unwrap();
-    let id = next_connected(&mut ea).await;
-    let counters = [
-        count_handed_over(ea),
-        count_handed_over(eb),
-        count_handed_over(ec),
-    ];
+    let (_redis, [a, b, c], proxy, mut client, id, counters) = moving_client().await;
 
     // Node b sends them all, one after the other, wherever the client is.
     let sender = {
@@ -452,22 +467,7 @@ async fn broadcasts_reach_a_client_moved_between_nodes_exactly_once_in_order() {
     const BURST: u64 = 4;
     const MOVES: u64 = 8;
     const NAMES: [&str; 3] = ["a", "b", "c"];
-    let redis = RedisServer::start();
-    let (a, mut ea, _) = node_with(&redis, "a", support::config()).await;
-    let (b, eb, _) = node_with(&redis, "b", support::config()).await;
-    let (c, ec, _) = node_with(&redis, "c", support::config()).await;
-    let proxy = FaultProxy::start_balancing(
-        vec![a.local_addr(), b.local_addr(), c.local_addr()],
-        FaultConfig::no_cuts(),
-    )
-    .await;
-    let mut client = Client::connect(session_client(proxy.addr())).await.unwrap();
-    let id = next_connected(&mut ea).await;
-    let counters = [
-        count_handed_over(ea),
-        count_handed_over(eb),
-        count_handed_over(ec),
-    ];
+    let (_redis, [a, b, c], proxy, mut client, id, counters) = moving_client().await;
     let broadcasters: Vec<_> = [&a, &b, &c]
         .into_iter()
         .zip(NAMES)

@@ -57,6 +57,27 @@ pub async fn next_event(events: &mut ServerEvents) -> ServerEvent {
         .expect("server event stream ended")
 }
 
+/// A tutorial-only server with `n` raw tutorial clients connected (each one reported
+/// `Connected` before the next connects), and room for a few more.
+pub async fn raw_tutorial_clients(n: usize) -> (Server, ServerEvents, Vec<tokio::net::TcpStream>) {
+    let (server, mut events) = start_server_with(ServerConfig {
+        max_connections: n + 16,
+        max_connections_per_ip: n + 16,
+        ..tutorial_config()
+    })
+    .await;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(
+            tokio::net::TcpStream::connect(server.local_addr())
+                .await
+                .unwrap(),
+        );
+        next_connected(&mut events).await;
+    }
+    (server, events, clients)
+}
+
 /// Waits for the next `Connected` event and returns the client's id.
 pub async fn next_connected(events: &mut ServerEvents) -> ClientId {
     match next_event(events).await {
