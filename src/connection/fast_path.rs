@@ -146,9 +146,12 @@ where
             }
             match self.queue_reply(h) {
                 Ok(true) => {}
-                // Full: `run` waits for room, and reads the rest again after it.
+                // Full: `run` waits for room, and reads the rest again after it (a frame
+                // that failed its check above is still in the buffer behind the rest, and
+                // is reported in its turn).
                 Ok(false) => {
                     reader.unread(&run[start + len..]);
+                    result = Ok(());
                     break;
                 }
                 Err(reason) => {
