@@ -103,8 +103,9 @@ where
 
     /// [`drain`](Self::drain) for a handler that takes messages by value: the complete
     /// messages are split off the read buffer at once, and each is a slice of that run.
-    /// Splitting each frame off the buffer on its own (the codec's way) cost a third more
-    /// time per 64-byte message, in the buffer's bookkeeping. Should the handler's replies
+    /// Splitting each frame off the buffer on its own (the codec's way) cost about a tenth
+    /// more CPU time per 64-byte message, in the buffer's bookkeeping (medians of 5
+    /// alternated runs, docs/benchmarks.md). Should the handler's replies
     /// find the queue full partway, the run's rest goes back to the read buffer (a copy,
     /// only under backpressure).
     fn hand<RD: AsyncRead + Unpin>(

@@ -117,7 +117,7 @@ where
 }
 
 /// A client ready to run: its connection, what it keeps across connections, and its slot.
-type Ready<S> = (
+type Started<S> = (
     Link<tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>>,
     Kept,
     Slot,
@@ -133,7 +133,7 @@ async fn setup<S>(
     events: mpsc::Sender<Batch<ServerEvent>>,
     permit: Slot,
     cert_name: Option<String>,
-) -> Option<Ready<S>>
+) -> Option<Started<S>>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
