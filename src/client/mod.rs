@@ -84,11 +84,11 @@ pub enum ClientEvent {
     },
     /// The server offers a file (only with [`TransferConfig::save_dir`](crate::transfer::TransferConfig::save_dir)
     /// set): accept or reject it through the [`FileOffer`](crate::transfer::FileOffer).
-    FileOffer(crate::transfer::FileOffer),
+    FileOffer(Box<crate::transfer::FileOffer>),
     /// A file from the server was received, verified and put in place.
-    FileReceived(crate::transfer::ReceivedFile),
+    FileReceived(Box<crate::transfer::ReceivedFile>),
     /// An accepted file from the server was not received.
-    FileFailed(crate::transfer::FileFailure),
+    FileFailed(Box<crate::transfer::FileFailure>),
 }
 
 impl crate::connection::MessageEvent for ClientEvent {
@@ -102,9 +102,9 @@ impl From<crate::transfer::TransferEvent> for ClientEvent {
     fn from(event: crate::transfer::TransferEvent) -> Self {
         use crate::transfer::TransferEvent;
         match event {
-            TransferEvent::Offer(offer) => ClientEvent::FileOffer(offer),
-            TransferEvent::Received(file) => ClientEvent::FileReceived(file),
-            TransferEvent::Failed(failure) => ClientEvent::FileFailed(failure),
+            TransferEvent::Offer(offer) => ClientEvent::FileOffer(Box::new(offer)),
+            TransferEvent::Received(file) => ClientEvent::FileReceived(Box::new(file)),
+            TransferEvent::Failed(failure) => ClientEvent::FileFailed(Box::new(failure)),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sockframe::Message;
-use sockframe::server::{Server, ServerEvent};
+use sockframe::server::{Server, ServerEvent, ServerEvents};
 
 use super::Args;
 
@@ -140,6 +140,26 @@ impl Load {
             }
             (_, event) => Some(event),
         }
+    }
+
+    /// Takes the events ready in `events` while `taken` is below `limit`, counting those that
+    /// [`discard`](Self::discard) counts, and gives back the first other one. `None` once
+    /// nothing is ready or the limit is reached.
+    #[inline]
+    pub(super) fn discard_ready(
+        &mut self,
+        events: &mut ServerEvents,
+        taken: &mut usize,
+        limit: usize,
+    ) -> Option<ServerEvent> {
+        while *taken < limit {
+            let event = events.try_recv()?;
+            *taken += 1;
+            if let Some(event) = self.discard(event) {
+                return Some(event);
+            }
+        }
+        None
     }
 
     /// Handles a message in a benchmark mode; gives back every other event (and every event
