@@ -17,10 +17,9 @@
 //! lost.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
@@ -333,36 +332,33 @@ impl<T: Weigh> OutboxSender<T> {
 impl<T: Weigh> OutboxReceiver<T> {
     /// The next message, waiting for one; `None` once every sender is gone.
     ///
-    /// Cancel-safe: a message is only taken out when it is returned.
+    /// Cancel-safe: a message is only taken out when it is returned. (The connection's
+    /// writer polls [`poll_recv`](Self::poll_recv) by hand; this is the tests' way.)
+    #[cfg(test)]
     pub(crate) async fn recv(&mut self) -> Option<T> {
         let mut parked = Waiting {
             shared: &self.shared,
             waiting: false,
         };
-        poll_fn(|cx| {
-            let shared = parked.shared;
-            let mut state = shared.lock();
-            if let Some(msg) = pop(&mut state) {
-                // A waker left by an earlier poll is not needed any more.
-                state.waker = None;
-                drop(state);
-                parked.waiting = false;
-                release(shared, &msg);
-                return Poll::Ready(Some(msg));
-            }
-            if shared.senders.load(Ordering::Acquire) == 0 {
-                state.waker = None;
-                parked.waiting = false;
-                return Poll::Ready(None);
-            }
-            match &mut state.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                w => *w = Some(cx.waker().clone()),
-            }
-            parked.waiting = true;
-            Poll::Pending
+        std::future::poll_fn(|cx| {
+            let polled = poll_recv(parked.shared, cx);
+            parked.waiting = polled.is_pending();
+            polled
         })
         .await
+    }
+
+    /// [`recv`](Self::recv) by hand, for a caller that polls it among other things (the
+    /// write loop, which holds no future for it). A caller that stops polling while the
+    /// receiver is parked (the last poll was pending) calls [`unpark`](Self::unpark), as
+    /// `recv`'s future does when dropped.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        poll_recv(&self.shared, cx)
+    }
+
+    /// Takes back a waker that [`poll_recv`](Self::poll_recv) left parked.
+    pub(crate) fn unpark(&mut self) {
+        self.shared.lock().waker = None;
     }
 
     /// The next message if one is queued right now.
@@ -396,15 +392,39 @@ fn release<T: Weigh>(shared: &Shared<T>, msg: &T) {
     shared.slots.add_permits(1);
 }
 
+/// One poll for the next message: parks the receiver's waker on an empty queue (see
+/// [`OutboxReceiver::poll_recv`]).
+fn poll_recv<T: Weigh>(shared: &Shared<T>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    let mut state = shared.lock();
+    if let Some(msg) = pop(&mut state) {
+        // A waker left by an earlier poll is not needed any more.
+        state.waker = None;
+        drop(state);
+        release(shared, &msg);
+        return Poll::Ready(Some(msg));
+    }
+    if shared.senders.load(Ordering::Acquire) == 0 {
+        state.waker = None;
+        return Poll::Ready(None);
+    }
+    match &mut state.waker {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        w => *w = Some(cx.waker().clone()),
+    }
+    Poll::Pending
+}
+
 /// A `recv` in progress. Dropped while its waker is parked in the queue (a `select!` that
 /// took another branch, a task that ended), it takes the waker back: a parked waker keeps
 /// its whole task allocated, and a receiver that outlives its task (a session's outbox,
 /// parked while the client is away) would otherwise keep the ended task's memory.
+#[cfg(test)]
 struct Waiting<'a, T> {
     shared: &'a Shared<T>,
     waiting: bool,
 }
 
+#[cfg(test)]
 impl<T> Drop for Waiting<'_, T> {
     fn drop(&mut self) {
         if self.waiting {

@@ -21,8 +21,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::Notify;
-
 use crate::outbox::Weigh;
 use crate::outgoing::{FlushWaiter, Outgoing};
 use crate::protocol::message::SessionToken;
@@ -209,11 +207,6 @@ impl Retained {
         Ok(())
     }
 
-    /// Whether flushes wait for acknowledgements.
-    pub(crate) fn has_waiters(&self) -> bool {
-        !self.waiters.is_empty()
-    }
-
     /// A flush: done when everything sent so far is acknowledged.
     pub(crate) fn add_waiter(&mut self, waiter: FlushWaiter) {
         if self.sent == self.acked {
@@ -256,8 +249,6 @@ pub(crate) struct Acks {
     pub(crate) peer_acked: AtomicU64,
     /// Application frames sent in the session (written by the writer), to check acks.
     pub(crate) sent: AtomicU64,
-    /// Wakes a writer whose window was full when an acknowledgement arrives.
-    pub(crate) acked: Notify,
 }
 
 impl Acks {
@@ -269,7 +260,6 @@ impl Acks {
             ack_sent: received.into(),
             peer_acked: retained.acked.into(),
             sent: retained.sent.into(),
-            acked: Notify::new(),
         }
     }
 
@@ -309,8 +299,9 @@ impl Acks {
                 "acknowledgement of {n} frames, after {before} acknowledged and {sent} sent"
             ));
         }
+        // The reader calls this in the connection's task: it has the writer, which may wait
+        // for this to free room in its window, polled next.
         self.peer_acked.store(n, Ordering::Relaxed);
-        self.acked.notify_one();
         Ok(())
     }
 }

@@ -13,6 +13,14 @@ use crate::message::Message;
 /// floods pings gets one pong per write, not a queue of them; and a channel's first block
 /// cost 2 KiB per connection, idle or not. Both halves run in one task; atomics only
 /// because the connection's future must be `Send`.
+///
+/// Nothing here wakes the task: whatever sets a flag (the reader, `drive`'s timers) runs in
+/// the connection's own task, which `drive` is polling right then, and it sets [`due`] for
+/// `drive` to poll the writer again before it gives the thread back. A waker (a `Notify`
+/// and the future waiting on it) would cost every connection's task its size, idle or not,
+/// and a self-wake would schedule the task once more for nothing.
+///
+/// [`due`]: Control::due
 #[derive(Debug)]
 pub(super) struct Control<'a> {
     /// A ping to send, and its nonce.
@@ -23,8 +31,9 @@ pub(super) struct Control<'a> {
     pub(super) pong_nonce: AtomicU64,
     /// Send an `ACK` now (sessions).
     pub(super) ack: std::sync::atomic::AtomicBool,
-    /// Wakes the writer.
-    pub(super) wake: tokio::sync::Notify,
+    /// Something for the writer was left here (or a handler's reply queued, or an
+    /// acknowledgement read): `drive` polls the writer again (see [`Control::take_due`]).
+    pub(super) due: std::sync::atomic::AtomicBool,
     /// Wakes a reader waiting for the pending pong to be taken.
     pub(super) pong_taken: tokio::sync::Notify,
     /// A handler's replies (not control frames, but handed over the same way). Owned by
@@ -40,7 +49,7 @@ impl<'a> Control<'a> {
             pong: Default::default(),
             pong_nonce: Default::default(),
             ack: Default::default(),
-            wake: Default::default(),
+            due: Default::default(),
             pong_taken: Default::default(),
             replies,
         }
@@ -49,19 +58,40 @@ impl<'a> Control<'a> {
     pub(super) fn ping(&self, nonce: u64) {
         self.ping_nonce.store(nonce, Ordering::Relaxed);
         self.ping.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake_writer();
     }
 
     pub(super) fn pong(&self, nonce: u64) {
         self.pong_nonce.store(nonce, Ordering::Relaxed);
         self.pong.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake_writer();
+    }
+
+    /// Asks `drive` to poll the writer again, which has something new to look at.
+    #[inline]
+    pub(super) fn wake_writer(&self) {
+        self.due.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the writer has something new to look at since the last call.
+    #[inline]
+    pub(super) fn take_due(&self) -> bool {
+        // A load first: most passes find nothing, and a swap is a locked instruction.
+        self.due.load(Ordering::Relaxed) && self.due.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether a control frame is due (the writer's check; it takes them with the flags).
+    #[inline]
+    pub(super) fn any_due(&self) -> bool {
+        self.ping.load(Ordering::Acquire)
+            || self.pong.load(Ordering::Acquire)
+            || self.ack.load(Ordering::Acquire)
     }
 
     #[inline]
     pub(super) fn ack(&self) {
         self.ack.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake_writer();
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::batch::{Batch, MAX_BATCH, MessageEvent};
+use super::batch::{Batch, MessageEvent};
 use super::config::RateAction;
 use super::inbound::Inbound;
 use crate::handler::Handler;
@@ -45,27 +45,34 @@ where
     E: MessageEvent,
     R: Fn(Request) -> E,
 {
+    /// What comes before a message goes to the connection's handler: the events read before
+    /// it reach the application first (a session's count then stays in order too: it counts
+    /// a frame once the application has it), then the rate limit. Last before the message is
+    /// taken ([`handle`](Self::handle)): no wait comes between a token taken from the rate
+    /// limit and the message it admits.
+    pub(super) async fn before_handler(
+        &self,
+        batch: &mut Batch<E>,
+    ) -> Result<(), DisconnectReason> {
+        if !batch.is_empty() {
+            self.flush(batch).await;
+        }
+        if self.bucket.is_some() {
+            self.limit(batch).await?;
+        }
+        Ok(())
+    }
+
     /// Gives the held message frame (of `kind`; `None` for the tutorial framing) to the
-    /// connection's handler, after the rate limit and after the events read before it,
-    /// then queues the handler's reply.
-    pub(super) async fn handle(
+    /// connection's handler, after [`before_handler`](Self::before_handler). Its reply, if
+    /// any, stays in `h`: [`run`](Self::run) queues it first thing in its next turn, so that
+    /// no wait for room in the queue is part of this step.
+    pub(super) fn handle(
         &self,
         h: &mut Handling<'_>,
         held: &mut Option<Bytes>,
         kind: Option<wire::Kind>,
-        batch: &mut Batch<E>,
     ) -> Result<(), DisconnectReason> {
-        // (The checks around the calls keep the common case free of a future's setup.)
-        // Requests read before this message reach the application first; a session's
-        // count then stays in order too (it counts a frame once the application has it).
-        if !batch.is_empty() {
-            self.flush(batch).await;
-        }
-        // Last before the message is taken: no wait comes between a token taken from the
-        // rate limit and the message it admits.
-        if self.bucket.is_some() {
-            self.limit(batch).await?;
-        }
         let message = match kind {
             None => Message::untyped(held.take().expect("held frame")),
             Some(kind) => Message::from_wire(
@@ -78,10 +85,7 @@ where
         if let Some(acks) = self.acks {
             acks.received_one();
         }
-        if h.reply.is_none() {
-            return Ok(());
-        }
-        self.send_reply(h).await
+        Ok(())
     }
 
     /// Queues the handler's reply, if it has one, for this connection's writer.
@@ -90,8 +94,10 @@ where
         // future loses nothing. Not reading meanwhile is the point: TCP slows the peer.
         while !self.queue_reply(h)? {
             // Only the writer makes room, and it runs in this task: nothing can change
-            // between the failed push and this wait.
-            let room = self.control.replies.room.notified();
+            // between the failed push and this wait. Boxed, as the waits under pressure are
+            // (see `flush`): only a full reply queue waits, and the wait would otherwise be
+            // part of every connection's future.
+            let room = Box::pin(self.control.replies.room.notified());
             self.liveness.paused.store(true, Ordering::Relaxed);
             room.await;
             self.liveness.paused.store(false, Ordering::Relaxed);
@@ -109,7 +115,8 @@ where
         };
         match self.control.replies.try_push(reply) {
             Ok(()) => {
-                self.replied.store(true, Ordering::Relaxed);
+                // The writer runs in this task: `drive` polls it again after this pass.
+                self.control.wake_writer();
                 Ok(true)
             }
             Err(_) if h.policy == FullPolicy::Disconnect => Err(DisconnectReason::SlowConsumer),
@@ -122,51 +129,52 @@ where
 
     /// Waits as the rate limit says before the next message, handing over what came
     /// within the limit first; or fails when the limit disconnects.
-    async fn limit(&self, batch: &mut Batch<E>) -> Result<(), DisconnectReason> {
-        if let Some(bucket) = &self.bucket {
-            loop {
-                let (wait, action) = {
-                    let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
-                    (bucket.take(), bucket.limit.action)
-                };
-                let Err(wait) = wait else { break };
-                if action == RateAction::Disconnect {
-                    return Err(DisconnectReason::RateLimited);
-                }
-                // What came within the limit goes out before the pause.
-                self.flush(batch).await;
-                // Not reading meanwhile is the point; the peer's silence is ours.
-                self.liveness.paused.store(true, Ordering::Relaxed);
-                // Boxed, as in `flush`: a `Sleep` is large, and only a limited peer waits.
-                Box::pin(tokio::time::sleep(wait)).await;
-                self.liveness.paused.store(false, Ordering::Relaxed);
-                self.liveness.frame();
+    ///
+    /// The common case, a token at hand, does not wait: the wait is a future of its own,
+    /// boxed when it happens (a pause's flush and sleep would otherwise be part of every
+    /// connection's future, limited or not).
+    pub(super) async fn limit(&self, batch: &mut Batch<E>) -> Result<(), DisconnectReason> {
+        if let Some(wait) = self.over_limit()? {
+            Box::pin(self.throttle(batch, wait)).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a token from the rate limit: `None` when there was one (or there is no limit),
+    /// else how long to wait for the next; an error when the limit disconnects.
+    pub(super) fn over_limit(&self) -> Result<Option<std::time::Duration>, DisconnectReason> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(None);
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        match bucket.take() {
+            Ok(()) => Ok(None),
+            Err(_) if bucket.limit.action == RateAction::Disconnect => {
+                Err(DisconnectReason::RateLimited)
+            }
+            Err(wait) => Ok(Some(wait)),
+        }
+    }
+
+    /// Pauses for the rate limit (`wait` first), until a token is taken.
+    pub(super) async fn throttle(
+        &self,
+        batch: &mut Batch<E>,
+        mut wait: std::time::Duration,
+    ) -> Result<(), DisconnectReason> {
+        loop {
+            // What came within the limit goes out before the pause.
+            self.flush(batch).await;
+            // Not reading meanwhile is the point; the peer's silence is ours.
+            self.liveness.paused.store(true, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+            self.liveness.paused.store(false, Ordering::Relaxed);
+            self.liveness.frame();
+            match self.over_limit()? {
+                None => return Ok(()),
+                Some(next) => wait = next,
             }
         }
-        Ok(())
-    }
-
-    /// Adds an application event to the batch, applying the rate limit first; then the
-    /// held frame is done. A full batch is handed over at once.
-    pub(super) async fn deliver(
-        &self,
-        held: &mut Option<Bytes>,
-        event: E,
-        len: usize,
-        batch: &mut Batch<E>,
-    ) -> Result<(), DisconnectReason> {
-        self.limit(batch).await?;
-        self.accept(held, event, len, batch);
-        if batch.len() >= MAX_BATCH {
-            self.flush(batch).await;
-        }
-        Ok(())
-    }
-
-    /// Whether delivering the next event may wait (a rate limit, or a full batch); when it
-    /// cannot, [`accept`](Self::accept) is used directly, without an `.await`.
-    pub(super) fn waits(&self, batch: &Batch<E>) -> bool {
-        self.bucket.is_some() || batch.len() + 1 >= MAX_BATCH
     }
 
     /// The held frame becomes an event in the batch.
@@ -201,30 +209,42 @@ where
     ///
     /// Cancel-safe: the batch is taken only once there is room for it.
     pub(super) async fn flush(&self, batch: &mut Batch<E>) {
-        if batch.is_empty() {
+        if self.try_flush(batch) {
             return;
         }
-        let slot = match self.events.try_reserve() {
-            Ok(slot) => Ok(slot),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(()),
-            Err(mpsc::error::TrySendError::Full(())) => {
-                self.liveness.paused.store(true, Ordering::Relaxed);
-                // Boxed, here only: the wait's future (128 bytes) would otherwise be part of
-                // every connection's task, idle or not.
-                let slot = Box::pin(self.events.reserve()).await.map_err(|_| ());
-                self.liveness.paused.store(false, Ordering::Relaxed);
-                // The peer had no chance to be heard meanwhile: its clocks restart now.
-                self.liveness.frame();
-                self.liveness.message();
-                slot
-            }
-        };
+        self.liveness.paused.store(true, Ordering::Relaxed);
+        // Boxed, here only: the wait's future (128 bytes) would otherwise be part of every
+        // connection's task, idle or not.
+        let slot = Box::pin(self.events.reserve()).await.map_err(|_| ());
+        self.liveness.paused.store(false, Ordering::Relaxed);
+        // The peer had no chance to be heard meanwhile: its clocks restart now.
+        self.liveness.frame();
+        self.liveness.message();
+        self.hand_over(batch, slot.ok());
+    }
+
+    /// [`flush`](Self::flush) without waiting: `false` (and the batch kept) when the event
+    /// stream is full.
+    pub(super) fn try_flush(&self, batch: &mut Batch<E>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        match self.events.try_reserve() {
+            Ok(slot) => self.hand_over(batch, Some(slot)),
+            Err(mpsc::error::TrySendError::Closed(())) => self.hand_over(batch, None),
+            Err(mpsc::error::TrySendError::Full(())) => return false,
+        }
+        true
+    }
+
+    /// Sends the batch into `slot`, or drops it when the event stream is closed.
+    fn hand_over(&self, batch: &mut Batch<E>, slot: Option<mpsc::Permit<'_, Batch<E>>>) {
         let count = batch.len() as u64;
         batch.hint(&self.batch_hint);
         match slot {
-            Ok(slot) => slot.send(std::mem::take(batch)),
+            Some(slot) => slot.send(std::mem::take(batch)),
             // Without a listener events are discarded, but the connection is still served.
-            Err(()) => batch.clear(),
+            None => batch.clear(),
         }
         // A session counts a frame as received once the application has it (in its event
         // stream); acknowledgements never run ahead of that.

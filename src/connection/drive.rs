@@ -16,8 +16,8 @@ use super::config::{Bucket, Heartbeat, Mode, RateLimit};
 use super::control::{Control, Replies};
 use super::delivery::Handling;
 use super::inbound::Inbound;
-use super::liveness::{FrameClock, Heard, Liveness, Traffic};
-use super::outbound::{drain, push_control, write_loop};
+use super::liveness::{FrameClock, Liveness, Timers, Traffic};
+use super::outbound::{WriteLoop, drain, push_control};
 use super::reader::FrameReader;
 use super::writer::FrameWriter;
 use crate::handler::Handler;
@@ -158,7 +158,7 @@ where
             _ => (None, None),
         };
         let acks = match (&retained, &received_slot) {
-            // Boxed: 80 bytes that only a session's connection uses.
+            // Boxed: 40 bytes that only a session's connection uses.
             (Some(r), Some(received)) => Some(Box::new(Acks::new(r, **received))),
             _ => None,
         };
@@ -181,7 +181,6 @@ where
             acks_read: std::sync::atomic::AtomicU64::new(0),
             truncated: std::sync::atomic::AtomicBool::new(false),
             transfers: d.transfers,
-            replied: std::sync::atomic::AtomicBool::new(false),
             batch_hint: std::sync::atomic::AtomicUsize::new(0),
         };
 
@@ -197,26 +196,18 @@ where
         let mut clock = d.frame_timeout.map(FrameClock::new);
         let first = {
             let read = inbound.run(reader, held, &mut batch, &mut clock, &mut handling);
-            let write = write_loop(
+            let mut write = WriteLoop::new(
                 writer,
                 d.outbox,
                 &control,
-                d.close,
                 d.traffic,
                 d.mode,
                 retained.as_deref_mut().zip(acks.as_deref()),
             );
-            tokio::pin!(read, write);
-            let mut ping = heartbeat
-                .map(|hb| tokio::time::interval_at(Instant::now() + hb.interval, hb.interval));
-            // The idle timeout is checked four times per period: a peer is closed after between
-            // one and one and a quarter idle periods without a message.
-            let mut idle_check = d.idle_timeout.map(|t| {
-                let tick = (t / 4).max(Duration::from_millis(10));
-                tokio::time::interval_at(Instant::now() + tick, tick)
-            });
-            let (mut heard_frame, mut heard_message) = (Heard::new(), Heard::new());
-            let mut nonce = 0u64;
+            // The write loop's one waker from outside besides the outbox's (see `WriteLoop`).
+            let close = d.close.cancelled();
+            tokio::pin!(read, close);
+            let mut timers = Timers::new(heartbeat, d.idle_timeout);
             let mut write_first = false;
             // Polled by hand rather than with `select!`, for one thing `select!` cannot do: when
             // the read side queues a handler's reply, poll the write side again in the same
@@ -226,160 +217,158 @@ where
             // 64-byte round trip about 10 µs (35.5 against 27 µs at the median, measured).
             // Which side goes first alternates, as `select!`'s random start did, so neither
             // side can use up the task's cooperative budget every time and starve the other.
+            // The same holds for everything the reader and the timers leave for the writer
+            // (control frames, acknowledgements): the writer is polled again after them
+            // whenever they did ([`Control::take_due`]), rather than woken.
             std::future::poll_fn(|cx| {
                 write_first = !write_first;
-                if write_first && let Poll::Ready(res) = write.as_mut().poll(cx) {
+                if write_first && let Poll::Ready(res) = write.poll(cx, close.as_mut()) {
                     return Poll::Ready(Ended::Write(res));
                 }
                 if let Poll::Ready(reason) = read.as_mut().poll(cx) {
                     return Poll::Ready(Ended::Read(reason));
                 }
-                if (!write_first || inbound.replied.swap(false, Ordering::Relaxed))
-                    && let Poll::Ready(res) = write.as_mut().poll(cx)
+                if let Poll::Ready(reason) = timers.poll(cx, &liveness, &control) {
+                    return Poll::Ready(Ended::Timeout(reason));
+                }
+                if (!write_first || control.take_due())
+                    && let Poll::Ready(res) = write.poll(cx, close.as_mut())
                 {
                     return Poll::Ready(Ended::Write(res));
-                }
-                if let Some(ping) = &mut ping {
-                    while ping.poll_tick(cx).is_ready() {
-                        let hb = heartbeat.expect("ping implies heartbeat");
-                        // Checked once per interval, so a dead peer is declared after between
-                        // `misses` and `misses + 1` silent intervals.
-                        let silent = heard_frame.silence(&liveness.frames, liveness.is_paused());
-                        if silent >= hb.interval * hb.misses {
-                            return Poll::Ready(Ended::Timeout(DisconnectReason::HeartbeatTimeout));
-                        }
-                        nonce += 1;
-                        control.ping(nonce);
-                    }
-                }
-                if let Some(idle_check) = &mut idle_check {
-                    while idle_check.poll_tick(cx).is_ready() {
-                        let idle = d.idle_timeout.expect("idle_check implies idle timeout");
-                        if heard_message.silence(&liveness.messages, liveness.is_paused()) >= idle {
-                            return Poll::Ready(Ended::Timeout(DisconnectReason::IdleTimeout));
-                        }
-                    }
                 }
                 Poll::Pending
             })
             .await
         };
 
-        let ended = |reason| Outcome {
-            reason,
-            flushed: false,
-            farewell_received: false,
-            truncated: false,
-            close_confirmed: false,
-        };
-        let outcome = match first {
-            Ended::Read(reason) => {
-                if matches!(reason, DisconnectReason::Protocol(_)) {
+        // What follows the connection, in a future of its own, awaited once: its locals
+        // (several waits) would otherwise have room of their own in this future, beside the
+        // connection's reading and writing, idle or not.
+        async {
+            let ended = |reason| Outcome {
+                reason,
+                flushed: false,
+                farewell_received: false,
+                truncated: false,
+                close_confirmed: false,
+            };
+            let outcome = match first {
+                Ended::Read(reason) => {
+                    if matches!(reason, DisconnectReason::Protocol(_)) {
+                        farewell(writer, d.mode, &reason).await;
+                    }
+                    ended(reason)
+                }
+                Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
+                Ended::Timeout(reason) => {
                     farewell(writer, d.mode, &reason).await;
+                    ended(reason)
                 }
-                ended(reason)
-            }
-            Ended::Write(Err(e)) => ended(DisconnectReason::from_io(&e)),
-            Ended::Timeout(reason) => {
-                farewell(writer, d.mode, &reason).await;
-                ended(reason)
-            }
-            Ended::Write(Ok(())) => {
-                let order = (d.close_order)();
-                let mut flushed = false;
-                let mut close_confirmed = false;
-                if !order.graceful && acks.is_some() && order.reason != DisconnectReason::Replaced {
-                    // Even a hasty close ends a session on purpose: say so, or the peer would
-                    // keep it waiting to be resumed.
-                    farewell(writer, d.mode, &order.reason).await;
-                }
-                if order.graceful {
-                    let deadline = Instant::now() + d.drain_deadline;
-                    let finish = async {
-                        // Keep reading while draining, so a peer that is blocked writing to us
-                        // can make progress and read what we send.
-                        let read = inbound.run(reader, held, &mut batch, &mut clock, &mut handling);
-                        let drain = async {
-                            let session = retained.as_deref_mut().zip(acks.as_deref());
-                            drain(
-                                writer,
-                                d.outbox,
-                                control.replies,
-                                d.traffic,
-                                d.mode,
-                                session,
-                            )
-                            .await?;
-                            if d.mode == Mode::Sockframe {
-                                push_control(writer, &close_frame(&order.reason))?;
+                Ended::Write(Ok(())) => {
+                    let order = (d.close_order)();
+                    let mut flushed = false;
+                    let mut close_confirmed = false;
+                    if !order.graceful
+                        && acks.is_some()
+                        && order.reason != DisconnectReason::Replaced
+                    {
+                        // Even a hasty close ends a session on purpose: say so, or the peer would
+                        // keep it waiting to be resumed.
+                        farewell(writer, d.mode, &order.reason).await;
+                    }
+                    if order.graceful {
+                        let deadline = Instant::now() + d.drain_deadline;
+                        let finish = async {
+                            // Keep reading while draining, so a peer that is blocked writing to us
+                            // can make progress and read what we send.
+                            let read =
+                                inbound.run(reader, held, &mut batch, &mut clock, &mut handling);
+                            let drain = async {
+                                let session = retained.as_deref_mut().zip(acks.as_deref());
+                                drain(
+                                    writer,
+                                    d.outbox,
+                                    control.replies,
+                                    d.traffic,
+                                    d.mode,
+                                    session,
+                                )
+                                .await?;
+                                if d.mode == Mode::Sockframe {
+                                    push_control(writer, &close_frame(&order.reason))?;
+                                }
+                                writer.shutdown().await
+                            };
+                            tokio::pin!(read);
+                            tokio::select! {
+                                _ = &mut read => return,
+                                res = drain => match res {
+                                    Ok(()) => flushed = true,
+                                    Err(_) => return,
+                                },
                             }
-                            writer.shutdown().await
+                            // (The peer answers a session's `CLOSE` with an `ACK`.)
+                            let acks_before = inbound.acks_read.load(Ordering::Relaxed);
+                            // Our side is done; wait for the peer to close theirs so that nothing
+                            // we wrote is lost to a reset.
+                            read.await;
+                            close_confirmed =
+                                inbound.acks_read.load(Ordering::Relaxed) > acks_before;
                         };
-                        tokio::pin!(read);
-                        tokio::select! {
-                            _ = &mut read => return,
-                            res = drain => match res {
-                                Ok(()) => flushed = true,
-                                Err(_) => return,
-                            },
-                        }
-                        // (The peer answers a session's `CLOSE` with an `ACK`.)
-                        let acks_before = inbound.acks_read.load(Ordering::Relaxed);
-                        // Our side is done; wait for the peer to close theirs so that nothing
-                        // we wrote is lost to a reset.
-                        read.await;
-                        close_confirmed = inbound.acks_read.load(Ordering::Relaxed) > acks_before;
-                    };
-                    let _ = tokio::time::timeout_at(deadline, finish).await;
+                        // Boxed: only a closing connection waits here, and its reads and writes
+                        // together would otherwise size every connection's future.
+                        let _ = Box::pin(tokio::time::timeout_at(deadline, finish)).await;
+                    }
+                    Outcome {
+                        reason: order.reason,
+                        flushed,
+                        farewell_received: false,
+                        truncated: false,
+                        close_confirmed,
+                    }
                 }
-                Outcome {
-                    reason: order.reason,
-                    flushed,
-                    farewell_received: false,
-                    truncated: false,
-                    close_confirmed,
+            };
+            let outcome = Outcome {
+                farewell_received: inbound.farewell.load(Ordering::Relaxed),
+                truncated: inbound.truncated.load(Ordering::Relaxed),
+                ..outcome
+            };
+            // What was read is handed over before the caller reports the end; during a close, an
+            // application that stopped reading events does not hold it up past the drain deadline.
+            let last = inbound.flush(&mut batch);
+            if d.close.is_cancelled() {
+                let _ = tokio::time::timeout(d.drain_deadline, last).await;
+            } else {
+                last.await;
+            }
+            // A reply still waiting for room was counted with its message: it must not be lost
+            // with this connection.
+            if let Some(reply) = handling.and_then(|h| h.reply) {
+                d.replies.keep(reply);
+            }
+            // The peer closed a session: tell it that everything it sent before its close is
+            // here (its close is confirmed by this, not by our end of stream, which a cut link
+            // can fake), then end our side. Bounded like a farewell.
+            if outcome.farewell_received
+                && let Some(acks) = &acks
+            {
+                let received = acks.received.load(Ordering::Relaxed);
+                if push_control(writer, &Frame::Ack(received)).is_ok() {
+                    let _ = tokio::time::timeout(FAREWELL, writer.shutdown()).await;
                 }
             }
-        };
-        let outcome = Outcome {
-            farewell_received: inbound.farewell.load(Ordering::Relaxed),
-            truncated: inbound.truncated.load(Ordering::Relaxed),
-            ..outcome
-        };
-        // What was read is handed over before the caller reports the end; during a close, an
-        // application that stopped reading events does not hold it up past the drain deadline.
-        let last = inbound.flush(&mut batch);
-        if d.close.is_cancelled() {
-            let _ = tokio::time::timeout(d.drain_deadline, last).await;
-        } else {
-            last.await;
-        }
-        // A reply still waiting for room was counted with its message: it must not be lost
-        // with this connection.
-        if let Some(reply) = handling.and_then(|h| h.reply) {
-            d.replies.keep(reply);
-        }
-        // The peer closed a session: tell it that everything it sent before its close is
-        // here (its close is confirmed by this, not by our end of stream, which a cut link
-        // can fake), then end our side. Bounded like a farewell.
-        if outcome.farewell_received
-            && let Some(acks) = &acks
-        {
-            let received = acks.received.load(Ordering::Relaxed);
-            if push_control(writer, &Frame::Ack(received)).is_ok() {
-                let _ = tokio::time::timeout(FAREWELL, writer.shutdown()).await;
+            // Only now: the count includes that last batch.
+            if let (Some(acks), Some(slot)) = (&acks, received_slot) {
+                *slot = acks.received.load(Ordering::Relaxed);
             }
+            // Acknowledgements that arrived after the writer stopped (a close's, above all)
+            // release their frames too: what is left is what the peer may lack.
+            if let (Some(retained), Some(acks)) = (retained, &acks) {
+                retained.release(acks.peer_acked.load(Ordering::Relaxed));
+            }
+            outcome
         }
-        // Only now: the count includes that last batch.
-        if let (Some(acks), Some(slot)) = (&acks, received_slot) {
-            *slot = acks.received.load(Ordering::Relaxed);
-        }
-        // Acknowledgements that arrived after the writer stopped (a close's, above all)
-        // release their frames too: what is left is what the peer may lack.
-        if let (Some(retained), Some(acks)) = (retained, &acks) {
-            retained.release(acks.peer_acked.load(Ordering::Relaxed));
-        }
-        outcome
+        .await
     }
 }
 

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
-use super::batch::{Batch, MessageEvent};
+use super::batch::{Batch, MAX_BATCH, MessageEvent};
 use super::config::{Bucket, Mode};
 use super::control::Control;
 use super::delivery::Handling;
@@ -46,11 +46,21 @@ pub(super) struct Inbound<'a, E, R> {
     /// Set when the stream ends in the middle of a frame.
     pub(super) truncated: std::sync::atomic::AtomicBool,
     pub(super) transfers: Option<&'a crate::transfer::Inbox>,
-    /// Set when a handler's reply was queued: `drive` then polls the writer at once.
-    pub(super) replied: std::sync::atomic::AtomicBool,
     /// How many events the last batch held: the next one starts with room for as many, not
     /// growing (and copying) from 4 to 256 (see [`push_event`](Self::push_event)).
     pub(super) batch_hint: std::sync::atomic::AtomicUsize,
+}
+
+/// What a frame waits for before it is handled (see [`Inbound::frame_now`]).
+enum Wait {
+    /// The rate limit's next token, this long from now.
+    Throttle(std::time::Duration),
+    /// Room in the event stream for the events read before it.
+    Flush,
+    /// The pong waiting to be written (a ping's).
+    Pong,
+    /// Room in the file transfer engine's inbox.
+    Inbox,
 }
 
 impl<E, R> Inbound<'_, E, R>
@@ -71,6 +81,10 @@ where
         handling: &mut Option<Handling<'_>>,
     ) -> DisconnectReason {
         loop {
+            // A batch filled by the last frame is handed over at once, before anything else.
+            if batch.len() >= MAX_BATCH {
+                self.flush(batch).await;
+            }
             if let Some(h) = handling.as_mut()
                 && h.reply.is_some()
                 && let Err(reason) = self.send_reply(h).await
@@ -92,17 +106,17 @@ where
             if held.is_none() {
                 // Frames already complete in the buffer join the batch without waiting;
                 // before waiting for more bytes, the batch is handed over.
-                let next = match reader.try_frame() {
-                    Ok(Some(frame)) => Ok(Some(frame)),
-                    Ok(None) => {
-                        self.flush(batch).await;
-                        if self.acks.is_some_and(|a| a.ack_due()) {
-                            self.control.ack();
-                        }
-                        self.read(reader, clock).await
+                let mut next = reader.try_frame();
+                if matches!(next, Ok(None)) {
+                    // Moved out first: a value kept across the waits below would be kept in
+                    // this future, idle or not.
+                    drop(next);
+                    self.flush(batch).await;
+                    if self.acks.is_some_and(|a| a.ack_due()) {
+                        self.control.ack();
                     }
-                    Err(e) => Err(e),
-                };
+                    next = self.read(reader, clock).await;
+                }
                 match next {
                     Ok(Some(frame)) => {
                         self.liveness.frame();
@@ -134,48 +148,69 @@ where
             }
             if self.mode == Mode::Tutorial {
                 if let Some(h) = handling.as_mut() {
-                    if let Err(reason) = self.handle(h, held, None, batch).await {
+                    // (Checked here: the common case needs no future set up.)
+                    if (!batch.is_empty() || self.bucket.is_some())
+                        && let Err(reason) = self.before_handler(batch).await
+                    {
+                        return reason;
+                    }
+                    if let Err(reason) = self.handle(h, held, None) {
                         return reason;
                     }
                     continue;
                 }
-                if self.waits(batch) {
-                    let (event, len) = (
-                        E::message_event(self.message_tag, Message::untyped(raw.clone())),
-                        raw.len(),
-                    );
-                    if let Err(reason) = self.deliver(held, event, len, batch).await {
-                        return reason;
-                    }
-                } else {
-                    // Moved, not cloned: a clone and a drop are two atomic operations on the
-                    // read buffer's reference count per message.
-                    let frame = held.take().expect("held frame");
-                    let len = frame.len();
-                    self.accept(
-                        held,
-                        E::message_event(self.message_tag, Message::untyped(frame)),
-                        len,
-                        batch,
-                    );
+                // The rate limit before the event is made: a wait holds no event.
+                if self.bucket.is_some()
+                    && let Err(reason) = self.limit(batch).await
+                {
+                    return reason;
                 }
+                // Moved, not cloned: a clone and a drop are two atomic operations on the read
+                // buffer's reference count per message.
+                let frame = held.take().expect("held frame");
+                let len = frame.len();
+                self.accept(
+                    held,
+                    E::message_event(self.message_tag, Message::untyped(frame)),
+                    len,
+                    batch,
+                );
                 continue;
             }
             // Messages, most of the traffic, take the frame by value instead of parsing a
             // second reference to it.
             let kind = wire::message_kind(raw);
             if let (Some(kind), Some(h)) = (kind, handling.as_mut()) {
-                if let Err(reason) = self.handle(h, held, Some(kind), batch).await {
+                if (!batch.is_empty() || self.bucket.is_some())
+                    && let Err(reason) = self.before_handler(batch).await
+                {
+                    return reason;
+                }
+                if let Err(reason) = self.handle(h, held, Some(kind)) {
                     return reason;
                 }
                 continue;
             }
-            if let Some(kind) = kind
-                && !self.waits(batch)
-            {
-                let body = match self.message_body(held.take().expect("held frame"), kind) {
-                    Ok(body) => body,
-                    Err(reason) => return reason,
+            if let Some(kind) = kind {
+                // Under a rate limit the message is checked first (a bad one is refused
+                // before any wait), then waits for its token.
+                let checked = self.bucket.is_some();
+                if checked {
+                    if let Err(reason) = self.checked_body(raw, kind) {
+                        return reason;
+                    }
+                    if let Err(reason) = self.limit(batch).await {
+                        return reason;
+                    }
+                }
+                let frame = held.take().expect("held frame");
+                let body = if checked {
+                    wire::into_message_body(frame)
+                } else {
+                    match self.message_body(frame, kind) {
+                        Ok(body) => body,
+                        Err(reason) => return reason,
+                    }
                 };
                 let len = body.len();
                 self.accept(
@@ -186,131 +221,209 @@ where
                 );
                 continue;
             }
-            let parsed = wire::parse(raw);
-            if let Ok(
-                Frame::Message { body, .. }
-                | Frame::Request { body, .. }
-                | Frame::Response {
-                    result: Ok((_, body)),
-                    ..
-                },
-            ) = &parsed
-                && body.len() > self.max_body
-            {
-                let e = crate::protocol::FrameError::TooLarge {
-                    len: body.len(),
-                    max: self.max_body,
-                };
-                return DisconnectReason::Protocol(e.to_string());
+            // Every other frame: handled at once, unless it must wait first (a rate limit
+            // over, a full event stream, a pong not yet written, a file transfer), which a
+            // future of its own does, boxed: what a frame's handling keeps across its waits
+            // would otherwise be kept in this loop's future beside the idle wait, in every
+            // connection's task.
+            let done = match self.frame_now(held, batch, false) {
+                Ok(step) => step.is_none(),
+                Err(reason) => return reason,
+            };
+            if !done && let Err(reason) = Box::pin(self.frame_after_wait(held, batch)).await {
+                return reason;
             }
-            match parsed {
-                Err(e) => return DisconnectReason::Protocol(e.to_string()),
-                Ok(Frame::Message { kind, body }) => {
-                    let len = body.len();
-                    let event = E::message_event(self.message_tag, Message::from_wire(kind, body));
-                    if self.waits(batch) {
-                        if let Err(reason) = self.deliver(held, event, len, batch).await {
-                            return reason;
-                        }
-                    } else {
-                        self.accept(held, event, len, batch);
+        }
+    }
+
+    /// The held frame, of any kind but the ones [`run`](Self::run) takes itself, handled if
+    /// nothing must be waited for first: `Ok(None)` when it is done, else what to wait for
+    /// (the frame stays held). `admitted`: a rate limit's token was taken for it already.
+    fn frame_now(
+        &self,
+        held: &mut Option<Bytes>,
+        batch: &mut Batch<E>,
+        admitted: bool,
+    ) -> Result<Option<Wait>, DisconnectReason> {
+        let parsed = wire::parse(held.as_ref().expect("held frame"));
+        if let Ok(
+            Frame::Message { body, .. }
+            | Frame::Request { body, .. }
+            | Frame::Response {
+                result: Ok((_, body)),
+                ..
+            },
+        ) = &parsed
+            && body.len() > self.max_body
+        {
+            let e = crate::protocol::FrameError::TooLarge {
+                len: body.len(),
+                max: self.max_body,
+            };
+            return Err(DisconnectReason::Protocol(e.to_string()));
+        }
+        let limited = |this: &Self| match admitted {
+            true => Ok(None),
+            false => this.over_limit().map(|wait| wait.map(Wait::Throttle)),
+        };
+        match parsed {
+            Err(e) => return Err(DisconnectReason::Protocol(e.to_string())),
+            Ok(Frame::Message { kind, body }) => {
+                if let Some(wait) = limited(self)? {
+                    return Ok(Some(wait));
+                }
+                let len = body.len();
+                let event = E::message_event(self.message_tag, Message::from_wire(kind, body));
+                self.accept(held, event, len, batch);
+            }
+            Ok(Frame::Request { id, kind, body }) => {
+                if let Some(wait) = limited(self)? {
+                    return Ok(Some(wait));
+                }
+                let len = body.len();
+                let request = Request::new(id, Message::from_wire(kind, body), self.reply.clone());
+                self.accept(held, (self.on_request)(request), len, batch);
+            }
+            Ok(Frame::Response { id, result }) => {
+                if let Some(acks) = self.acks {
+                    // Counted frames are in the application's hands, in order: the messages
+                    // before this response go first.
+                    if !self.try_flush(batch) {
+                        return Ok(Some(Wait::Flush));
+                    }
+                    acks.received_one();
+                }
+                held.take();
+                self.pending.complete(
+                    id,
+                    result.map(|(kind, body)| Message::from_wire(kind, body)),
+                );
+            }
+            Ok(Frame::Ping(nonce)) => {
+                // One pong waiting is enough. While it waits (the peer does not read what we
+                // write), a peer that keeps pinging is not read either: TCP slows it down,
+                // and its silence ends in a heartbeat timeout.
+                if self.control.pong.load(Ordering::Acquire) {
+                    return Ok(Some(Wait::Pong));
+                }
+                held.take();
+                self.control.pong(nonce);
+            }
+            Ok(Frame::Pong(_) | Frame::Unknown(_)) => {
+                held.take();
+            }
+            Ok(Frame::Ack(n)) => {
+                let Some(acks) = self.acks else {
+                    return Err(DisconnectReason::Protocol(
+                        "acknowledgement outside a session".into(),
+                    ));
+                };
+                if let Err(e) = acks.peer_ack(n) {
+                    return Err(DisconnectReason::Protocol(e));
+                }
+                self.acks_read.fetch_add(1, Ordering::Relaxed);
+                // A writer whose window was full, or whose flush waits, looks again.
+                self.control.wake_writer();
+                held.take();
+            }
+            Ok(Frame::AckRequest) => {
+                if self.acks.is_none() {
+                    return Err(DisconnectReason::Protocol(
+                        "acknowledgement request outside a session".into(),
+                    ));
+                }
+                held.take();
+                self.control.ack();
+            }
+            Ok(Frame::Close { code, text }) => {
+                self.farewell.store(true, Ordering::Relaxed);
+                return Err(DisconnectReason::from_close(code, &text));
+            }
+            Ok(Frame::Transfer(frame)) => {
+                // Events read before a transfer frame are handed over first, so that an offer
+                // is never reported before a message sent ahead of it.
+                if !self.try_flush(batch) {
+                    return Ok(Some(Wait::Flush));
+                }
+                let Some(inbox) = self.transfers else {
+                    return Err(DisconnectReason::Protocol(
+                        "file transfer frame on a connection without file transfer".into(),
+                    ));
+                };
+                // Waiting for room pauses reading: a receiver whose disk is behind slows the
+                // sender through TCP instead of buffering.
+                match inbox.try_reserve() {
+                    Ok(slot) => {
+                        held.take();
+                        self.transfer_in(frame, slot);
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => return Ok(Some(Wait::Inbox)),
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        return Err(DisconnectReason::Closed);
                     }
                 }
-                Ok(Frame::Request { id, kind, body }) => {
-                    let len = body.len();
-                    let request =
-                        Request::new(id, Message::from_wire(kind, body), self.reply.clone());
-                    if let Err(reason) = self
-                        .deliver(held, (self.on_request)(request), len, batch)
-                        .await
-                    {
-                        return reason;
-                    }
+            }
+            Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
+                return Err(DisconnectReason::Protocol(
+                    "handshake frame after the handshake".into(),
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The held frame, after what [`frame_now`](Self::frame_now) found it must wait for.
+    async fn frame_after_wait(
+        &self,
+        held: &mut Option<Bytes>,
+        batch: &mut Batch<E>,
+    ) -> Result<(), DisconnectReason> {
+        let mut admitted = false;
+        loop {
+            let Some(wait) = self.frame_now(held, batch, admitted)? else {
+                return Ok(());
+            };
+            match wait {
+                Wait::Throttle(first) => {
+                    self.throttle(batch, first).await?;
+                    admitted = true;
                 }
-                Ok(Frame::Response { id, result }) => {
-                    if let Some(acks) = self.acks {
-                        // Counted frames are in the application's hands, in order: the
-                        // messages before this response go first.
-                        self.flush(batch).await;
-                        acks.received_one();
-                    }
-                    held.take();
-                    self.pending.complete(
-                        id,
-                        result.map(|(kind, body)| Message::from_wire(kind, body)),
-                    );
-                }
-                Ok(Frame::Ping(nonce)) => {
-                    // One pong waiting is enough. While it waits (the peer does not read
-                    // what we write), a peer that keeps pinging is not read either: TCP
-                    // slows it down, and its silence ends in a heartbeat timeout.
-                    while self.control.pong.load(Ordering::Acquire) {
-                        self.control.pong_taken.notified().await;
-                    }
-                    held.take();
-                    self.control.pong(nonce);
-                }
-                Ok(Frame::Pong(_) | Frame::Unknown(_)) => {
-                    held.take();
-                }
-                Ok(Frame::Ack(n)) => {
-                    let Some(acks) = self.acks else {
-                        return DisconnectReason::Protocol(
-                            "acknowledgement outside a session".into(),
-                        );
-                    };
-                    if let Err(e) = acks.peer_ack(n) {
-                        return DisconnectReason::Protocol(e);
-                    }
-                    self.acks_read.fetch_add(1, Ordering::Relaxed);
-                    held.take();
-                }
-                Ok(Frame::AckRequest) => {
-                    if self.acks.is_none() {
-                        return DisconnectReason::Protocol(
-                            "acknowledgement request outside a session".into(),
-                        );
-                    }
-                    held.take();
-                    self.control.ack();
-                }
-                Ok(Frame::Close { code, text }) => {
-                    self.farewell.store(true, Ordering::Relaxed);
-                    return DisconnectReason::from_close(code, &text);
-                }
-                Ok(Frame::Transfer(frame)) => {
-                    // Events read before a transfer frame are handed over first, so that an
-                    // offer is never reported before a message sent ahead of it.
-                    self.flush(batch).await;
-                    let Some(inbox) = self.transfers else {
-                        return DisconnectReason::Protocol(
-                            "file transfer frame on a connection without file transfer".into(),
-                        );
-                    };
-                    // Waiting here pauses reading: a receiver whose disk is behind slows
-                    // the sender through TCP instead of buffering.
+                Wait::Flush => self.flush(batch).await,
+                Wait::Pong => self.control.pong_taken.notified().await,
+                Wait::Inbox => {
+                    let inbox = self.transfers.expect("a transfer frame waits for an inbox");
                     let Ok(slot) = inbox.reserve().await else {
-                        return DisconnectReason::Closed;
+                        return Err(DisconnectReason::Closed);
+                    };
+                    let Ok(Frame::Transfer(frame)) =
+                        wire::parse(held.as_ref().expect("held frame"))
+                    else {
+                        unreachable!("the held frame was a transfer frame");
                     };
                     held.take();
-                    // Application frames: counted as traffic, and they keep a connection
-                    // from going idle.
-                    self.traffic.add_in(frame.weight());
-                    self.liveness.message();
-                    if let Some(acks) = self.acks {
-                        // In the engine's hands: received, in order after the batch above.
-                        acks.add_bytes(frame.weight());
-                        acks.received_one();
-                    }
-                    slot.send(crate::transfer::Input::Frame(frame));
-                }
-                Ok(Frame::Welcome(_) | Frame::Reject { .. }) => {
-                    return DisconnectReason::Protocol(
-                        "handshake frame after the handshake".into(),
-                    );
+                    self.transfer_in(frame, slot);
+                    return Ok(());
                 }
             }
         }
+    }
+
+    /// A file transfer frame goes to the transfer engine, into the room reserved for it.
+    fn transfer_in(
+        &self,
+        frame: crate::protocol::transfer::TransferFrame,
+        slot: mpsc::Permit<'_, crate::transfer::Input>,
+    ) {
+        // Application frames: counted as traffic, and they keep a connection from going
+        // idle.
+        self.traffic.add_in(frame.weight());
+        self.liveness.message();
+        if let Some(acks) = self.acks {
+            // In the engine's hands: received, in order after the events handed over first.
+            acks.add_bytes(frame.weight());
+            acks.received_one();
+        }
+        slot.send(crate::transfer::Input::Frame(frame));
     }
 
     /// Reads the next frame; a frame that has started must finish within the frame timeout.

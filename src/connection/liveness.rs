@@ -3,7 +3,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval};
+
+use super::config::Heartbeat;
+use super::control::Control;
+use crate::reason::DisconnectReason;
 
 /// Message and byte counters of one connection, updated as frames pass.
 #[derive(Debug, Default)]
@@ -163,6 +167,80 @@ impl FrameClock {
                     limit: self.limit,
                     have: partial,
                 });
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// `drive`'s timers: the heartbeat's pings, and the idle timeout's checks.
+pub(super) struct Timers {
+    /// With `heartbeat`: a ping every interval, and the peer's silence checked.
+    ping: Option<Interval>,
+    heartbeat: Option<Heartbeat>,
+    /// With `idle_timeout`: the peer's silence in messages checked.
+    idle_check: Option<Interval>,
+    idle_timeout: Option<Duration>,
+    heard_frame: Heard,
+    heard_message: Heard,
+    nonce: u64,
+}
+
+impl Timers {
+    pub(super) fn new(heartbeat: Option<Heartbeat>, idle_timeout: Option<Duration>) -> Self {
+        let ping =
+            heartbeat.map(|hb| tokio::time::interval_at(Instant::now() + hb.interval, hb.interval));
+        // The idle timeout is checked four times per period: a peer is closed after between
+        // one and one and a quarter idle periods without a message.
+        let idle_check = idle_timeout.map(|t| {
+            let tick = (t / 4).max(Duration::from_millis(10));
+            tokio::time::interval_at(Instant::now() + tick, tick)
+        });
+        Timers {
+            ping,
+            heartbeat,
+            idle_check,
+            idle_timeout,
+            heard_frame: Heard::new(),
+            heard_message: Heard::new(),
+            nonce: 0,
+        }
+    }
+
+    /// Sends the pings that are due (to `control`), and is ready with the reason to close
+    /// when the peer has been silent for too long.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        liveness: &Liveness,
+        control: &Control<'_>,
+    ) -> std::task::Poll<DisconnectReason> {
+        use std::task::Poll;
+        if let Some(ping) = &mut self.ping {
+            while ping.poll_tick(cx).is_ready() {
+                let hb = self.heartbeat.expect("ping implies heartbeat");
+                // Checked once per interval, so a dead peer is declared after between
+                // `misses` and `misses + 1` silent intervals.
+                let silent = self
+                    .heard_frame
+                    .silence(&liveness.frames, liveness.is_paused());
+                if silent >= hb.interval * hb.misses {
+                    return Poll::Ready(DisconnectReason::HeartbeatTimeout);
+                }
+                self.nonce += 1;
+                control.ping(self.nonce);
+            }
+        }
+        if let Some(idle_check) = &mut self.idle_check {
+            while idle_check.poll_tick(cx).is_ready() {
+                let idle = self.idle_timeout.expect("idle_check implies idle timeout");
+                if self
+                    .heard_message
+                    .silence(&liveness.messages, liveness.is_paused())
+                    >= idle
+                {
+                    return Poll::Ready(DisconnectReason::IdleTimeout);
+                }
             }
         }
         Poll::Pending

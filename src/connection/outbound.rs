@@ -2,11 +2,12 @@
 //! are encoded.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 
 use tokio::io::AsyncWrite;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFuture;
 
 use super::config::Mode;
 use super::control::{Control, Replies};
@@ -35,84 +36,188 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// peer acknowledges it; the frames kept from an earlier connection are written first, and
 /// a full window stops the loop from taking more from the outbox until acknowledgements
 /// arrive.
-pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    outbox: &mut OutboxReceiver,
-    control: &Control<'_>,
-    close: &CancellationToken,
-    traffic: &Traffic,
-    mode: Mode,
-    mut session: Option<(&mut Retained, &Acks)>,
-) -> io::Result<()> {
-    let mut lane = Lane {
-        writer,
-        traffic,
-        mode,
-        flushed: Vec::new(),
-        ack_now: false,
-    };
-    if let Some((retained, _)) = &session
-        && retained.unacked() > 0
-    {
-        for item in retained.frames() {
-            lane.push(item.clone())?;
-        }
-        // Ask for an acknowledgement of the resent frames, which may be all there is to
-        // send: the peer would otherwise acknowledge them only with its own traffic.
-        push_control(lane.writer, &Frame::AckRequest)?;
-        tokio::select! {
-            res = lane.writer.flush() => res?,
-            _ = close.cancelled() => return Ok(()),
+///
+/// Polled by hand ([`poll`](Self::poll)) rather than an `async fn` around a `select!`: it
+/// waits on five things (the close token, control frames, a handler's replies, the outbox,
+/// a session's acknowledgements), and as a future it held one nested future for each of
+/// them and for its flushes, 512 bytes of every connection's task, idle or not. Here it is
+/// its state alone: the close token's future is `drive`'s (its one waker from outside
+/// besides the outbox's, which `poll_recv` parks without a future), and the reader's news
+/// (control frames, replies, acknowledgements) needs no waker at all: the reader runs in
+/// this task, and `drive` polls the writer again when the reader left something
+/// ([`Control::take_due`]).
+pub(super) struct WriteLoop<'a, 'c, W> {
+    lane: Lane<'a, W>,
+    outbox: &'a mut OutboxReceiver,
+    control: &'a Control<'c>,
+    session: Option<(&'a mut Retained, &'a Acks)>,
+    stage: Stage,
+    /// The last `poll_recv` left this task's waker in the outbox.
+    parked: bool,
+}
+
+/// Where the write loop is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not polled yet: a session's retained frames go first.
+    Start,
+    /// Writing a session's retained frames again.
+    Resending,
+    /// Waiting for something to write.
+    Waiting,
+    /// Writing a batch.
+    Flushing,
+    /// Every sender of the outbox is gone: nothing more will be queued; waits for the close.
+    Senderless,
+}
+
+impl<'a, 'c, W: AsyncWrite + Unpin> WriteLoop<'a, 'c, W> {
+    pub(super) fn new(
+        writer: &'a mut FrameWriter<W>,
+        outbox: &'a mut OutboxReceiver,
+        control: &'a Control<'c>,
+        traffic: &'a Traffic,
+        mode: Mode,
+        session: Option<(&'a mut Retained, &'a Acks)>,
+    ) -> Self {
+        WriteLoop {
+            lane: Lane {
+                writer,
+                traffic,
+                mode,
+                flushed: Vec::new(),
+                ack_now: false,
+            },
+            outbox,
+            control,
+            session,
+            stage: Stage::Start,
+            parked: false,
         }
     }
-    loop {
-        // Acknowledgements free room in the window and finish flushes: the loop waits for
-        // them when either is wanted (a flush of an idle connection would otherwise wait
-        // for the next frame to write, such as a heartbeat's ping).
-        let (room, wants_acks) = match &mut session {
+
+    /// Writes what there is to write; ready once `close` fires (`Ok`) or a write fails.
+    /// Not to be polled again once ready.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        close: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Poll<io::Result<()>> {
+        if self.stage == Stage::Start {
+            // A session's retained frames go first, even when the close has fired already:
+            // pushed, they are written by a graceful close's drain.
+            self.stage = Stage::Waiting;
+            if let Some((retained, _)) = &self.session
+                && retained.unacked() > 0
+            {
+                for item in retained.frames() {
+                    self.lane.push(item.clone())?;
+                }
+                // Ask for an acknowledgement of the resent frames, which may be all there is
+                // to send: the peer would otherwise acknowledge them only with its own
+                // traffic.
+                push_control(self.lane.writer, &Frame::AckRequest)?;
+                self.stage = Stage::Resending;
+            }
+        }
+        // The close goes first, whatever else is ready: it also interrupts a flush stuck on a
+        // peer that does not read (the frames stay buffered in the writer, and a graceful
+        // close carries on writing them).
+        if close.poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        // Whatever was left for the writer until now is looked at in this poll.
+        self.control.take_due();
+        loop {
+            match self.stage {
+                Stage::Resending => {
+                    ready!(self.lane.writer.poll_flush(cx))?;
+                    self.stage = Stage::Waiting;
+                }
+                Stage::Waiting => {
+                    if !self.wait(cx)? {
+                        return Poll::Pending;
+                    }
+                    self.gather()?;
+                    self.stage = Stage::Flushing;
+                }
+                Stage::Flushing => {
+                    ready!(self.lane.writer.poll_flush(cx))?;
+                    for waiter in self.lane.flushed.drain(..) {
+                        waiter.done();
+                    }
+                    // Nothing more to write right now: the connection may be idle for long,
+                    // and must not keep the memory of its largest batch (see
+                    // `FrameWriter::release_idle`).
+                    if self.outbox.is_empty() && self.control.replies.is_empty() {
+                        self.lane.writer.release_idle();
+                    }
+                    self.stage = Stage::Waiting;
+                }
+                Stage::Senderless => return Poll::Pending,
+                Stage::Start => unreachable!("the write loop has started"),
+            }
+        }
+    }
+
+    /// Whether there is something to write now (with the first item taken): control frames
+    /// due, a handler's reply, an item in the outbox, in that order. Acknowledgements free
+    /// room in the window and finish flushes: the window is looked at again at every poll
+    /// (`drive` polls this loop when the reader read one), so a flush of an idle connection
+    /// does not wait for the next frame to write, such as a heartbeat's ping.
+    fn wait(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let room = match &mut self.session {
             Some((retained, acks)) => {
                 retained.release(acks.peer_acked.load(Ordering::Relaxed));
-                (
-                    retained.has_room(),
-                    !retained.has_room() || retained.has_waiters(),
-                )
+                retained.has_room()
             }
-            None => (true, false),
+            None => true,
         };
-        tokio::select! {
-            biased;
-            _ = close.cancelled() => return Ok(()),
-            _ = control.wake.notified() => lane.control(control)?,
-            // No waker: `drive` polls this loop again whenever the reader queues a reply.
-            () = std::future::poll_fn(|_| if control.replies.is_empty() { Poll::Pending } else { Poll::Ready(()) }), if room => {}
-            item = outbox.recv(), if room => match item {
-                Some(item) => lane.take(item, &mut session)?,
-                None => {
-                    // Every sender is gone: nothing more will be queued.
-                    close.cancelled().await;
-                    return Ok(());
-                }
-            },
-            _ = async { session.as_ref().expect("waiting for acks implies a session").1.acked.notified().await }, if wants_acks => continue,
+        if self.control.any_due() {
+            self.lane.control(self.control)?;
+            return Ok(true);
         }
-        // Gather what is queued right now, then write it all at once: the handler's
-        // replies first (they are already in order behind what was written), then the
-        // outbox.
+        if !room {
+            return Ok(false);
+        }
+        if !self.control.replies.is_empty() {
+            return Ok(true);
+        }
+        let polled = self.outbox.poll_recv(cx);
+        self.parked = polled.is_pending();
+        match polled {
+            Poll::Ready(Some(item)) => {
+                self.lane.take(item, &mut self.session)?;
+                Ok(true)
+            }
+            Poll::Ready(None) => {
+                self.stage = Stage::Senderless;
+                Ok(false)
+            }
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Gathers what is queued right now into one batch: the handler's replies first (they
+    /// are already in order behind what was written), then the outbox; then the control
+    /// frames due, and a session's acknowledgements.
+    fn gather(&mut self) -> io::Result<()> {
+        let (lane, session, control) = (&mut self.lane, &mut self.session, self.control);
         while lane.writer.pending() < BATCH_BYTES {
             if session.as_ref().is_none_or(|(r, _)| r.has_room())
                 && let Some(reply) = control.replies.pop()
             {
-                lane.take(Outgoing::Message(reply), &mut session)?;
+                lane.take(Outgoing::Message(reply), session)?;
             } else if session.as_ref().is_none_or(|(r, _)| r.has_room())
-                && let Some(item) = outbox.try_recv()
+                && let Some(item) = self.outbox.try_recv()
             {
-                lane.take(item, &mut session)?;
+                lane.take(item, session)?;
             } else {
                 break;
             }
         }
         lane.control(control)?;
-        if let Some((retained, acks)) = &mut session {
+        if let Some((retained, acks)) = session {
             // Acknowledge what arrived with whatever goes out anyway (piggy-backing), and
             // ask for acknowledgements when a flush waits or the window fills.
             let received = acks.received.load(Ordering::Relaxed);
@@ -126,19 +231,16 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
                 push_control(lane.writer, &Frame::AckRequest)?;
             }
         }
-        // A close interrupts a flush stuck on a peer that does not read; the frames stay
-        // buffered in `writer`, and a graceful close carries on writing them.
-        tokio::select! {
-            res = lane.writer.flush() => res?,
-            _ = close.cancelled() => return Ok(()),
-        }
-        for waiter in lane.flushed.drain(..) {
-            waiter.done();
-        }
-        // Nothing more to write right now: the connection may be idle for long, and must not
-        // keep the memory of its largest batch (see `FrameWriter::release_idle`).
-        if outbox.is_empty() && control.replies.is_empty() {
-            lane.writer.release_idle();
+        Ok(())
+    }
+}
+
+impl<W> Drop for WriteLoop<'_, '_, W> {
+    fn drop(&mut self) {
+        // A waker parked in the outbox keeps this task allocated, and a session's outbox
+        // outlives its connection (see `OutboxReceiver::recv`).
+        if self.parked {
+            self.outbox.unpark();
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -146,30 +147,36 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes every pushed frame, then flushes the stream.
     pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// [`flush`](Self::flush) by hand, for a caller that polls it among other things: a
+    /// future that waits on several things holds no nested future for this one (the write
+    /// loop's state is part of every connection's task, idle or not).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.buf.is_empty() {
             self.seal();
         }
-        while !self.chunks.is_empty() {
-            let (io, chunks) = (&mut self.io, &self.chunks);
-            // The slices are built on the stack at each poll rather than held across an
-            // `.await`: held, they would be part of every connection's future, idle or not
-            // (this future is nested in the connection's).
-            let n = std::future::poll_fn(|cx| {
-                if chunks.len() <= FEW_IOVECS {
-                    poll_write_chunks::<FEW_IOVECS, _>(io, chunks, cx)
+        if !self.chunks.is_empty() {
+            while !self.chunks.is_empty() {
+                // The slices are built on the stack at each poll rather than kept between
+                // polls: kept, they would be part of every connection's future.
+                let n = ready!(if self.chunks.len() <= FEW_IOVECS {
+                    poll_write_chunks::<FEW_IOVECS, _>(&mut self.io, &self.chunks, cx)
                 } else {
-                    poll_write_chunks::<MAX_IOVECS, _>(io, chunks, cx)
+                    poll_write_chunks::<MAX_IOVECS, _>(&mut self.io, &self.chunks, cx)
+                })?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-            })
-            .await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+                self.pending -= n;
+                self.consume(n);
             }
-            self.pending -= n;
-            self.consume(n);
+            // The batch is written (a later poll that only finishes the stream's flush is
+            // not a batch of its own).
+            self.last_copied = std::mem::take(&mut self.copied);
         }
-        self.last_copied = std::mem::take(&mut self.copied);
-        self.io.flush().await
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     /// Drops the first `n` written bytes from `chunks`.

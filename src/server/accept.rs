@@ -99,6 +99,20 @@ pub(super) struct Slot {
     _per_ip: PerIp,
 }
 
+#[cfg(test)]
+impl Slot {
+    /// A slot under limits of its own, for a connection's future built in a test.
+    pub(super) fn for_test() -> Slot {
+        let global = Arc::new(Semaphore::new(1));
+        let counts = PerIpCounts::default();
+        Slot {
+            _global: global.try_acquire_owned().expect("a free permit"),
+            _per_ip: PerIp::take(&counts, std::net::Ipv4Addr::LOCALHOST.into(), 1)
+                .expect("a free slot"),
+        }
+    }
+}
+
 /// Connections per IP address.
 pub(super) type PerIpCounts =
     Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;

@@ -54,6 +54,14 @@ impl Inbox {
     ) -> std::result::Result<mpsc::Permit<'_, Input>, mpsc::error::SendError<()>> {
         self.sender().reserve().await
     }
+
+    /// Room for one input if there is some right now (the reader tries this first: only a
+    /// full inbox makes it wait, in a future of its own).
+    pub(crate) fn try_reserve(
+        &self,
+    ) -> std::result::Result<mpsc::Permit<'_, Input>, mpsc::error::TrySendError<()>> {
+        self.sender().try_reserve()
+    }
 }
 
 impl Drop for Inbox {
