@@ -125,7 +125,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// they are again. Released, the buffer's memory follows the connections that are writing
     /// now; a connection under steady traffic reallocates it once per batch at the last
     /// batch's size (`last_copied`), an allocation the allocator serves from the buffer just
-    /// freed. An idle connection keeps at most [`KEEP_BYTES`].
+    /// freed. An idle connection keeps at most `KEEP_BYTES`.
     pub fn release_idle(&mut self) {
         if !self.buf.is_empty() || !self.chunks.is_empty() {
             return;
