@@ -79,9 +79,9 @@ pub(crate) enum TrySendError {
 const BLOCK: usize = 16;
 
 /// Items in the first block of a queue that was empty: most queues hold one or two items at
-/// a time (a reply, one broadcast in flight), and a block of 16 for each made a broadcast to
-/// 10,000 clients one at a time hold 15 % more memory than the queue it replaced (111 →
-/// 128 MiB, docs/benchmarks.md). A queue that grows past it goes on in blocks of [`BLOCK`].
+/// a time (a reply, one broadcast in flight). With a block of 16 for each, one broadcast at a
+/// time to 10,000 readers peaked at 90–95 MiB; with this, 74 MiB (docs/benchmarks.md, *Where
+/// #17 stands*). A queue that grows past it goes on in blocks of [`BLOCK`].
 const FIRST_BLOCK: usize = 2;
 
 /// A FIFO queue held in blocks of [`BLOCK`] items: memory follows what is queued right now,
