@@ -553,8 +553,10 @@ fn a_large_announced_frame_is_reserved_in_steps_as_it_arrives() {
     assert!(buf.capacity() >= 1024 * 1024, "capacity {}", buf.capacity());
 }
 
-/// A read that fills the whole buffer means a busy peer: the buffer grows to 64 KiB for the
-/// next reads, and the frames in it decode as before. A buffer with room left stays as it is.
+/// A read that fills the whole buffer means a busy peer: once its whole frames are decoded,
+/// the buffer grows to 64 KiB for the next reads, keeping the part of a frame it holds. A
+/// buffer with room left stays as it is. Growing waits for the frames to be taken, so that
+/// only that part is copied, not the whole read.
 #[test]
 fn a_read_buffer_that_fills_grows_and_one_with_room_does_not() {
     let payload = [7u8; 64];
@@ -564,22 +566,58 @@ fn a_read_buffer_that_fills_grows_and_one_with_room_does_not() {
         assert_eq!(buf.capacity(), 8192);
         buf.extend_from_slice(&whole[..filled]);
         let mut codec = TutorialCodec::new();
-        let first = codec.decode(&mut buf).unwrap().unwrap();
-        assert_eq!(&first[..], &payload[..]);
-        // Room from the second frame on: the buffer, less the first frame.
-        assert_eq!(buf.capacity() + 68 >= 64 * 1024, grows, "filled {filled}");
-        let mut frames = 1;
+        let mut frames = Vec::new();
         while let Some(f) = codec.decode(&mut buf).unwrap() {
             assert_eq!(&f[..], &payload[..]);
-            frames += 1;
+            // Not grown while whole frames remain (a copy of all of them).
+            assert!(buf.capacity() <= 8192, "filled {filled}");
+            frames.push(f);
         }
         // 8192 bytes hold 120 whole frames of 68 bytes, and part of the next.
-        assert_eq!(frames, 120);
+        assert_eq!(frames.len(), 120);
         assert_eq!(buf.len(), filled - 120 * 68);
+        assert_eq!(buf.capacity() >= 64 * 1024, grows, "filled {filled}");
+        // The part of the next frame is kept, and the frames handed out are intact.
+        assert_eq!(&buf[..], &whole[120 * 68..filled]);
+        assert!(frames.iter().all(|f| f[..] == payload[..]));
     }
     // An empty buffer is full too, by this measure: it is an idle connection's, and must not
     // be given 64 KiB.
     let mut empty = BytesMut::new();
     assert!(TutorialCodec::new().decode(&mut empty).unwrap().is_none());
     assert_eq!(empty.capacity(), 0);
+}
+
+/// A stream's first bytes land in the few bytes of room an empty buffer takes for a read:
+/// the codec gives them an 8 KiB buffer. Only the first: the part of a frame left at the end
+/// of a filled 64 KiB buffer is as small, and must keep the room it was given.
+#[test]
+fn only_a_first_read_is_moved_to_an_8_kib_buffer() {
+    let payload = [3u8; 64];
+    let wire: Vec<u8> = (0..2_000).flat_map(|_| frame(&payload)).collect();
+    let mut codec = TutorialCodec::new();
+
+    let mut buf = BytesMut::new();
+    buf.reserve(1);
+    assert!(buf.capacity() < 64);
+    let first = buf.capacity();
+    buf.extend_from_slice(&wire[..first]);
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    assert!(
+        (8 * 1024..64 * 1024).contains(&buf.capacity()),
+        "capacity {}",
+        buf.capacity()
+    );
+
+    // A busy stream: a 64 KiB buffer read full, its frames taken, part of one left.
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let room = buf.capacity();
+    buf.extend_from_slice(&wire[68..68 + room]);
+    let mut frames = Vec::new();
+    while let Some(f) = codec.decode(&mut buf).unwrap() {
+        frames.push(f);
+    }
+    assert!(!buf.is_empty() && buf.len() < 68, "left {}", buf.len());
+    assert!(buf.capacity() >= 64 * 1024, "capacity {}", buf.capacity());
+    assert!(frames.iter().all(|f| f[..] == payload[..]));
 }

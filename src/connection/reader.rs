@@ -33,14 +33,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Changes the largest frame accepted from now on.
     pub fn set_max_frame(&mut self, max_frame: usize) {
-        *self.inner.decoder_mut() = TutorialCodec::with_max_frame(max_frame);
+        self.inner.decoder_mut().set_max_frame(max_frame);
     }
 
     /// The next frame if it is already complete in the read buffer; never reads.
     #[inline]
     pub fn try_frame(&mut self) -> Result<Option<Bytes>> {
+        // A copy, as the reader lends its codec and its buffer one at a time; put back for
+        // what decoding learnt (a first read seen).
         let mut codec = *self.inner.decoder();
-        codec.decode(self.inner.read_buffer_mut())
+        let frame = codec.decode(self.inner.read_buffer_mut());
+        *self.inner.decoder_mut() = codec;
+        frame
     }
 
     /// Gives the read buffer's memory back if it holds nothing; the next bytes to arrive
@@ -49,6 +53,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn release_buffer(&mut self) {
         if self.inner.read_buffer().is_empty() {
             *self.inner.read_buffer_mut() = BytesMut::new();
+            self.inner.decoder_mut().expect_first_read();
         }
     }
 
