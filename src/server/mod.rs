@@ -72,7 +72,7 @@ use crate::{Error, Result};
 use registry::{ClientHandle, Registry};
 
 use accept::{accept_loop, listen_on};
-pub use events::{ServerEvent, ServerEvents};
+pub use events::{NextEvent, ServerEvent, ServerEvents};
 
 /// A handle on a running server; cheap to clone. Dropping every handle does not stop the
 /// server: call [`shutdown`](Self::shutdown).
