@@ -31,8 +31,14 @@ const RESERVE_STEP: usize = 1024 * 1024 + HEADER_LEN;
 pub(crate) const READ_ROOM: usize = 8 * 1024;
 
 /// The read buffer's size once a read has filled it: the peer is sending faster than we
-/// read (see `decode`).
-pub(crate) const BUSY_ROOM: usize = 64 * 1024;
+/// read (see `grow_if_filled`). A connection holds this much only while busy: the reader
+/// gives it back when the stream goes quiet with the buffer empty.
+///
+/// 256 KiB rather than 64: against 64 KiB, 64-byte messages took about a quarter less CPU
+/// time each with 16 connections and a borrowing handler, a tenth less with a handler taking
+/// them by value (medians of 5 alternated runs, docs/benchmarks.md). Fewer reads, and fewer
+/// wake-ups of the sender as its socket buffer drains.
+pub(crate) const BUSY_ROOM: usize = 256 * 1024;
 
 /// A buffer smaller than this that holds bytes is one the first read made (see `decode`).
 const FIRST_READ: usize = 64;
@@ -53,8 +59,10 @@ pub struct TutorialCodec {
     /// The next bytes are a stream's first (or its first since the reader gave its buffer
     /// back): they may sit in the few bytes of room an empty buffer takes for a read, which
     /// `decode` replaces (see there). Only then: the part of a frame left at the end of a
-    /// filled buffer is small too, and replacing that made every 64 KiB buffer an 8 KiB one
-    /// again after each read.
+    /// filled buffer is small too, and replacing that too made every busy buffer an 8 KiB
+    /// one again after each read, which the next read filled and which was then copied into
+    /// a larger one: with 16 connections of 64-byte messages, 3 % of the server's time in
+    /// that copy and reads of 8 KiB (README's loop: a fifth less CPU per message without it).
     first_read: bool,
 }
 
@@ -99,19 +107,20 @@ impl Default for TutorialCodec {
 /// been taken (so `src` holds at most part of one frame).
 ///
 /// A read that filled the whole buffer left more waiting in the socket: a busy stream then
-/// reads 64 KiB at a time instead of 8, so a system call, and a wake-up of the sender as its
-/// socket buffer drains, serve eight times as many small messages (64-byte sink, one
-/// connection: about 1.3x the messages per second, measured). Taking the frames out of a
-/// buffer moves its start and its end of room alike, so `len == capacity` still tells that
-/// the read filled it. Growing only now copies the part of a frame left, not the whole read:
-/// growing on the first frame copied every busy 8 KiB read once more, which was 3 % of the
-/// server's time with 16 connections (`FrameReader` gives the larger buffer back when the
-/// stream goes quiet with nothing in it, so a connection that keeps draining its socket went
-/// through it on every burst).
+/// reads [`BUSY_ROOM`] at a time instead of 8 KiB, so a system call, and a wake-up of the
+/// sender as its socket buffer drains, serve many times as many small messages. Taking the
+/// frames out of a buffer moves its start and its end of room alike, so `len == capacity`
+/// still tells that the read filled it. Growing only now copies the part of a frame left,
+/// not the whole read (growing at the first frame copied the frames behind it too).
 /// (Not an empty buffer: that is an idle connection's, which must stay empty.)
 fn grow_if_filled(src: &mut BytesMut) {
     if !src.is_empty() && src.len() == src.capacity() && src.capacity() < BUSY_ROOM {
-        src.reserve(BUSY_ROOM - src.len());
+        // A new buffer of exactly that size, not `reserve`: on a buffer no frame holds,
+        // `reserve` grows the allocation in place, the room before its start included, and
+        // the reader gives back only buffers of at most `BUSY_ROOM`.
+        let mut fresh = BytesMut::with_capacity(BUSY_ROOM);
+        fresh.extend_from_slice(src);
+        *src = fresh;
     }
 }
 

@@ -146,7 +146,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The stream has nothing more to read for now: a read buffer that a busy stream grew
     /// beyond the usual 8 KiB (see the codec's `decode`) is given back if it is empty, so that
-    /// a connection that had a burst and went quiet costs what an idle one costs, not 64 KiB.
+    /// a connection that had a burst and went quiet costs what an idle one costs, not 256 KiB.
     /// The usual 8 KiB stays: a connection taking turns (a round trip at a time) goes quiet
     /// after every message, and would otherwise take a new buffer for each. Buffers grown for
     /// a large frame stay too, as they always have (a 1 MiB stream reuses its buffer).
