@@ -1,6 +1,6 @@
 //! What travels from a connection to its application's event stream: a [`Batch`] of events,
-//! in which a run of messages read together is one slice of the read buffer and a list of
-//! where each message lies in it, made into events on the application's side ([`Ready`]).
+//! in which a run of messages read together is one slice of the read buffer, made into
+//! events on the application's side ([`Ready`]).
 //!
 //! Why not one event per message, made by the connection: every message is then a `Bytes`
 //! split from the read buffer, and all of them share the buffer's reference count. The
@@ -9,15 +9,25 @@
 //! twice per message; and each event (104 bytes) was written on one core and read on the
 //! other. That was most of the cost of the event stream with small messages: below the
 //! hand-written tokio baseline (0.95x at 64 B, docs/benchmarks.md). Here the connection
-//! splits the buffer once per run and writes 12 bytes per message; the application's side
-//! slices each message from the run, raising and lowering a count that only its own thread
-//! touches until the run is done.
+//! splits the buffer once per run, and the application's side walks the run's frames and
+//! makes each message, raising and lowering a count that only its own thread touches until
+//! the run is done.
+//!
+//! A batch takes no allocation of its own in the usual case, one run or one event: its first
+//! entry is kept inline, and the run's frames are walked again rather than listed. Memory
+//! that one thread allocates and another frees is what the system allocator (glibc's) does
+//! worst: with a list of places per run and a `Vec` of entries per batch, the connections'
+//! allocations waited on the arena lock that the application's frees held, and 16
+//! connections of 64-byte messages made 20,000 `futex` calls a second (the README's loop,
+//! docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
 use crate::message::{Message, MessageKind};
+use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::message::frame_type;
 
 /// Most events handed to the application in one batch. Events travel in batches of those
 /// that one read produced: one channel operation and at most one wake-up per batch instead
@@ -45,40 +55,46 @@ pub(crate) trait MessageEvent: Sized {
     fn message_event(tag: u64, message: Message) -> Self;
 }
 
-/// Where one message of a run lies in the run's buffer.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    start: u32,
-    len: u32,
-    kind: MessageKind,
+/// How a run's frames carry their messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Tutorial frames: the payload is the message, untyped.
+    Tutorial,
+    /// Sockframe message frames: a type byte (text or binary), then the body.
+    Typed,
 }
 
-/// One entry of a batch: an event, or a run of messages in one buffer.
+/// One entry of a batch: an event, or a run of messages.
 enum Item<E> {
     Event(E),
-    Run {
-        buffer: Bytes,
-        /// The run's messages are the batch's spans from the previous run's `end` to this.
-        end: u32,
-        /// Whom they came from (see [`MessageEvent`]).
-        tag: u64,
-    },
+    Run(Run),
+}
+
+/// Messages read together: whole frames, each a message that the connection has checked
+/// (type, UTF-8 of text, size), one after the other in one buffer.
+struct Run {
+    frames: Bytes,
+    framing: Framing,
+    /// Whom they came from (see [`MessageEvent`]).
+    tag: u64,
 }
 
 /// Events of one connection, in the order they happened, on their way to the application.
 pub(crate) struct Batch<E> {
-    items: Vec<Item<E>>,
-    /// The messages of every run, in order.
-    spans: Vec<Span>,
-    /// Events in all: one per event item, one per message of a run.
+    /// The first entry, kept here so that a batch of one run or one event (most of them)
+    /// allocates nothing.
+    first: Option<Item<E>>,
+    /// The entries after the first.
+    rest: Vec<Item<E>>,
+    /// Events in all: one per event, one per message of a run.
     len: usize,
 }
 
 impl<E> Default for Batch<E> {
     fn default() -> Self {
         Batch {
-            items: Vec::new(),
-            spans: Vec::new(),
+            first: None,
+            rest: Vec::new(),
             len: 0,
         }
     }
@@ -88,8 +104,8 @@ impl<E> From<E> for Batch<E> {
     /// A batch of one event.
     fn from(event: E) -> Self {
         Batch {
-            items: vec![Item::Event(event)],
-            spans: Vec::new(),
+            first: Some(Item::Event(event)),
+            rest: Vec::new(),
             len: 1,
         }
     }
@@ -106,36 +122,54 @@ impl<E> Batch<E> {
         self.len == 0
     }
 
-    /// Adds an event. A batch handed over leaves no buffer behind (an idle connection keeps
-    /// none); the next takes room for `hint` entries when its first arrives, rather than
-    /// growing (and copying) from 4 to 256.
-    pub(crate) fn push(&mut self, event: E, hint: &AtomicUsize) {
-        if self.items.capacity() == 0 {
-            self.items
+    fn push_item(&mut self, item: Item<E>, hint: &AtomicUsize) {
+        if self.first.is_none() {
+            self.first = Some(item);
+            return;
+        }
+        // A batch handed over leaves no buffer behind (an idle connection keeps none); the
+        // next takes room for as many entries as the last one had when its second arrives,
+        // rather than growing (and copying) from 4 to 256.
+        if self.rest.capacity() == 0 {
+            self.rest
                 .reserve_exact(hint.load(Ordering::Relaxed).clamp(1, MAX_BATCH));
         }
-        self.items.push(Item::Event(event));
+        self.rest.push(item);
+    }
+
+    /// Adds an event.
+    pub(crate) fn push(&mut self, event: E, hint: &AtomicUsize) {
+        self.push_item(Item::Event(event), hint);
         self.len += 1;
     }
 
-    /// Starts adding a run: room for `hint` messages.
-    pub(crate) fn run(&mut self, hint: &AtomicUsize) -> RunBuilder<'_, E> {
-        if self.spans.capacity() == 0 {
-            self.spans
-                .reserve_exact(hint.load(Ordering::Relaxed).clamp(1, MAX_BATCH));
+    /// Adds a run of `count` messages: `frames` holds exactly their whole frames (header
+    /// included), in order, each checked as a message of `framing`.
+    pub(crate) fn push_run(
+        &mut self,
+        frames: Bytes,
+        count: usize,
+        framing: Framing,
+        tag: u64,
+        hint: &AtomicUsize,
+    ) {
+        if count == 0 {
+            return;
         }
-        let first = self.spans.len();
-        RunBuilder { batch: self, first }
+        self.push_item(
+            Item::Run(Run {
+                frames,
+                framing,
+                tag,
+            }),
+            hint,
+        );
+        self.len += count;
     }
 
     /// Remembers this batch's size in `hint`, for the next one.
     pub(crate) fn hint(&self, hint: &AtomicUsize) {
-        let size = if self.spans.is_empty() {
-            self.items.len()
-        } else {
-            self.spans.len()
-        };
-        hint.store(size, Ordering::Relaxed);
+        hint.store(self.rest.len(), Ordering::Relaxed);
     }
 
     /// Drops every event.
@@ -146,63 +180,20 @@ impl<E> Batch<E> {
     /// The events, in order.
     pub(crate) fn into_ready(self) -> Ready<E> {
         Ready {
-            items: self.items.into_iter(),
-            spans: self.spans,
-            next: 0,
+            first: self.first,
+            rest: self.rest.into_iter(),
             run: None,
         }
     }
 }
 
-/// A run of messages being added to a [`Batch`]: [`push`](Self::push) each message's place
-/// in the read buffer, then [`finish`](Self::finish) with the buffer.
-pub(crate) struct RunBuilder<'b, E> {
-    batch: &'b mut Batch<E>,
-    /// The batch's first span of this run.
-    first: usize,
-}
-
-impl<E> RunBuilder<'_, E> {
-    /// Messages added so far.
-    pub(crate) fn len(&self) -> usize {
-        self.batch.spans.len() - self.first
-    }
-
-    /// Adds a message of `kind` at `start..start + len` of the run's buffer; `false` (and
-    /// nothing added) when that does not fit the run's 32-bit offsets.
-    #[inline]
-    pub(crate) fn push(&mut self, kind: MessageKind, start: usize, len: usize) -> bool {
-        let (Ok(start), Ok(len)) = (u32::try_from(start), u32::try_from(len)) else {
-            return false;
-        };
-        if start.checked_add(len).is_none() {
-            return false;
-        }
-        self.batch.spans.push(Span { start, len, kind });
-        true
-    }
-
-    /// Ends the run with its buffer, which the spans pushed index into.
-    pub(crate) fn finish(self, buffer: Bytes, tag: u64) {
-        let count = self.len();
-        if count == 0 {
-            return;
-        }
-        // Fits: the spans' count is bounded by the batch's size.
-        let end = self.batch.spans.len() as u32;
-        self.batch.items.push(Item::Run { buffer, end, tag });
-        self.batch.len += count;
-    }
-}
-
-/// The events of a batch, in order; a run's messages are sliced from its buffer here.
+/// The events of a batch, in order; a run's messages are made here, on the application's
+/// thread, which also drops them.
 pub(crate) struct Ready<E> {
-    items: std::vec::IntoIter<Item<E>>,
-    spans: Vec<Span>,
-    /// The next span to hand out.
-    next: usize,
-    /// The run being handed out: its buffer, end and tag.
-    run: Option<(Bytes, usize, u64)>,
+    first: Option<Item<E>>,
+    rest: std::vec::IntoIter<Item<E>>,
+    /// The run being handed out, and where its next frame starts.
+    run: Option<(Run, usize)>,
 }
 
 impl<E> Default for Ready<E> {
@@ -217,35 +208,59 @@ impl<E: MessageEvent> Iterator for Ready<E> {
     #[inline]
     fn next(&mut self) -> Option<E> {
         loop {
-            if let Some((buffer, end, tag)) = &self.run {
-                if self.next < *end {
-                    let span = self.spans[self.next];
-                    self.next += 1;
-                    let (start, len) = (span.start as usize, span.len as usize);
-                    // Made here, on the application's thread, which also drops it.
-                    let payload = if len <= COPY_MAX {
-                        Bytes::copy_from_slice(&buffer[start..start + len])
-                    } else {
-                        buffer.slice(start..start + len)
-                    };
-                    let message = Message::from_parts(span.kind, payload);
-                    return Some(E::message_event(*tag, message));
+            if let Some((run, at)) = &mut self.run {
+                if let Some(message) = next_message(run, at) {
+                    return Some(E::message_event(run.tag, message));
                 }
                 self.run = None;
             }
-            match self.items.next()? {
+            let item = match self.first.take() {
+                Some(item) => item,
+                None => self.rest.next()?,
+            };
+            match item {
                 Item::Event(event) => return Some(event),
-                Item::Run { buffer, end, tag } => self.run = Some((buffer, end as usize, tag)),
+                Item::Run(run) => self.run = Some((run, 0)),
             }
         }
     }
 }
 
+/// The message of the run's frame at `at`, and `at` moved past it; `None` at the run's end.
+/// (The connection checked every frame: a frame that does not fit ends the run rather than
+/// panicking, and cannot happen.)
+#[inline]
+fn next_message(run: &Run, at: &mut usize) -> Option<Message> {
+    let frames = &run.frames[..];
+    let header = frames.get(*at..)?.first_chunk::<HEADER_LEN>()?;
+    let start = *at + HEADER_LEN;
+    let end = start.checked_add(u32::from_le_bytes(*header) as usize)?;
+    let frame = frames.get(start..end)?;
+    *at = end;
+    let (kind, start) = match run.framing {
+        Framing::Tutorial => (MessageKind::Untyped, start),
+        Framing::Typed => match frame.first()? {
+            &frame_type::TEXT => (MessageKind::Text, start + 1),
+            _ => (MessageKind::Binary, start + 1),
+        },
+    };
+    let len = end - start;
+    let payload = if len <= COPY_MAX {
+        Bytes::copy_from_slice(&frames[start..end])
+    } else {
+        run.frames.slice(start..end)
+    };
+    Some(Message::from_parts(kind, payload))
+}
+
 impl<E> std::fmt::Debug for Ready<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ready")
-            .field("items", &self.items.len())
-            .field("spans", &(self.spans.len() - self.next))
+            .field(
+                "entries",
+                &(self.rest.len() + usize::from(self.first.is_some())),
+            )
+            .field("in_run", &self.run.is_some())
             .finish()
     }
 }
@@ -260,47 +275,77 @@ mod tests {
         }
     }
 
+    /// Whole frames: each payload after its 4-byte little-endian length.
+    fn frames(payloads: &[&[u8]]) -> Bytes {
+        let mut out = Vec::new();
+        for p in payloads {
+            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            out.extend_from_slice(p);
+        }
+        Bytes::from(out)
+    }
+
     #[test]
     fn events_and_runs_come_out_in_order() {
         let hint = AtomicUsize::new(0);
         let mut batch = Batch::from((1, Message::untyped("first")));
-        let mut run = batch.run(&hint);
-        assert!(run.push(MessageKind::Untyped, 0, 2));
-        assert!(run.push(MessageKind::Text, 2, 3));
-        run.finish(Bytes::from_static(b"abcde"), 7);
+        batch.push_run(frames(&[b"ab", b"cde"]), 2, Framing::Tutorial, 7, &hint);
         batch.push((2, Message::untyped("between")), &hint);
-        let mut run = batch.run(&hint);
-        assert!(run.push(MessageKind::Binary, 1, 1));
-        run.finish(Bytes::from_static(b"xyz"), 7);
+        let typed = frames(&[&[frame_type::TEXT, b'h', b'i'], &[frame_type::BINARY, 9]]);
+        batch.push_run(typed, 2, Framing::Typed, 8, &hint);
         // An empty run adds nothing.
-        batch.run(&hint).finish(Bytes::from_static(b"unused"), 7);
-        assert_eq!(batch.len(), 5);
+        batch.push_run(Bytes::new(), 0, Framing::Tutorial, 7, &hint);
+        assert_eq!(batch.len(), 6);
         let events: Vec<_> = batch.into_ready().collect();
         assert_eq!(
             events,
             vec![
                 (1, Message::untyped("first")),
                 (7, Message::untyped("ab")),
-                (
-                    7,
-                    Message::from_parts(MessageKind::Text, Bytes::from("cde"))
-                ),
+                (7, Message::untyped("cde")),
                 (2, Message::untyped("between")),
-                (
-                    7,
-                    Message::from_parts(MessageKind::Binary, Bytes::from("y"))
-                ),
+                (8, Message::text("hi")),
+                (8, Message::binary(vec![9u8])),
             ]
         );
     }
 
     #[test]
-    fn a_span_beyond_32_bits_is_refused() {
-        let hint = AtomicUsize::new(0);
+    fn a_batch_of_one_run_or_one_event_allocates_no_list() {
+        let hint = AtomicUsize::new(100);
         let mut batch: Batch<(u64, Message)> = Batch::default();
-        let mut run = batch.run(&hint);
-        assert!(!run.push(MessageKind::Untyped, 1 << 32, 1));
-        assert!(!run.push(MessageKind::Untyped, u32::MAX as usize, 1));
-        assert_eq!(run.len(), 0);
+        batch.push_run(frames(&[b"x"]), 1, Framing::Tutorial, 1, &hint);
+        assert_eq!(batch.rest.capacity(), 0);
+        assert_eq!(Batch::from((1, Message::untyped("e"))).rest.capacity(), 0);
+    }
+
+    #[test]
+    fn large_messages_are_slices_of_the_run_and_small_ones_copies() {
+        let big = vec![5u8; COPY_MAX + 1];
+        let run = frames(&[b"small", &big]);
+        let mut batch: Batch<(u64, Message)> = Batch::default();
+        batch.push_run(run.clone(), 2, Framing::Tutorial, 3, &AtomicUsize::new(0));
+        let events: Vec<_> = batch.into_ready().collect();
+        let inside = |m: &Message| run.as_ptr_range().contains(&m.payload().as_ptr());
+        assert!(!inside(&events[0].1));
+        assert!(inside(&events[1].1));
+        assert_eq!(events[1].1.payload().len(), COPY_MAX + 1);
+    }
+
+    #[test]
+    fn a_run_cut_short_ends_without_a_panic() {
+        // Cannot come from a connection (it checks every frame); the walk stops anyway.
+        let mut cut = frames(&[b"whole", b"cut off"]).to_vec();
+        cut.truncate(cut.len() - 3);
+        let mut batch: Batch<(u64, Message)> = Batch::default();
+        batch.push_run(
+            Bytes::from(cut),
+            2,
+            Framing::Tutorial,
+            3,
+            &AtomicUsize::new(0),
+        );
+        let events: Vec<_> = batch.into_ready().collect();
+        assert_eq!(events, vec![(3, Message::untyped("whole"))]);
     }
 }

@@ -2,7 +2,7 @@
 
 use tokio::io::AsyncRead;
 
-use super::batch::{Batch, MAX_BATCH, MessageEvent};
+use super::batch::{Batch, Framing, MAX_BATCH, MessageEvent};
 use super::config::Mode;
 use super::delivery::Handling;
 use super::inbound::Inbound;
@@ -64,19 +64,18 @@ where
         if room == 0 {
             return Ok(());
         }
-        let (mut bytes, mut result) = (0u64, Ok(()));
-        let mut run = batch.run(&self.batch_hint);
-        let (frames, buffer) = reader.take_frames(|at, frame| {
-            let (kind, start, len) = if self.mode == Mode::Tutorial {
-                (MessageKind::Untyped, at, frame.len())
+        let framing = if self.mode == Mode::Tutorial {
+            Framing::Tutorial
+        } else {
+            Framing::Typed
+        };
+        let (mut bytes, mut result, mut count) = (0u64, Ok(()), 0);
+        let (frames, buffer) = reader.take_frames(|_, frame| {
+            let len = if framing == Framing::Tutorial {
+                frame.len()
             } else if let Some(kind) = wire::message_kind(frame) {
                 match self.checked_body(frame, kind) {
-                    // The body is a slice of the frame: its offset in the run follows.
-                    Ok(body) => (
-                        kind.into(),
-                        at + (body.as_ptr() as usize - frame.as_ptr() as usize),
-                        body.len(),
-                    ),
+                    Ok(body) => body.len(),
                     Err(reason) => {
                         result = Err(reason);
                         return Step::Leave;
@@ -85,22 +84,19 @@ where
             } else {
                 return Step::Leave;
             };
-            if !run.push(kind, start, len) {
-                // Beyond a run's 32-bit offsets: the general path takes it alone.
-                return Step::Leave;
-            }
             bytes += len as u64;
             if let Some(acks) = self.acks {
                 acks.add_bytes(len);
             }
-            if run.len() >= room {
+            count += 1;
+            if count >= room {
                 Step::Last
             } else {
                 Step::Next
             }
         });
         // A session counts these once the batch is handed over (`flush`).
-        run.finish(buffer, self.message_tag);
+        batch.push_run(buffer, frames, framing, self.message_tag, &self.batch_hint);
         self.count_pass(frames as u64, frames as u64, bytes);
         result
     }

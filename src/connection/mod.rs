@@ -22,8 +22,8 @@
 //! - `delivery.rs`: `Inbound`'s way to the application: batches of events, or the
 //!   connection's handler (`Handling`) and its replies, after the rate limit.
 //! - `batch.rs`: `Batch`, what travels to the event stream (`MAX_BATCH` events; a run of
-//!   messages as one slice of the read buffer), and `Ready`, which makes the run's events on
-//!   the application's side.
+//!   messages as one slice of the read buffer, its whole frames), and `Ready`, which walks
+//!   the run and makes its events on the application's side.
 //! - `outbound.rs`: the sending half: the write loop, the close's drain, the encoding of
 //!   queued items.
 //! - `control.rs`: `Control`, the control frames the reader leaves for the writer, and
