@@ -113,8 +113,17 @@ impl Default for TutorialCodec {
 /// still tells that the read filled it. Growing only now copies the part of a frame left,
 /// not the whole read (growing at the first frame copied the frames behind it too).
 /// (Not an empty buffer: that is an idle connection's, which must stay empty.)
+///
+/// A buffer whose frames have all been dropped, and whose allocation already holds
+/// [`BUSY_ROOM`] (a busy stream's, or one grown for a large frame), is used again: the part
+/// of a frame is moved to its start, with no allocation.
 fn grow_if_filled(src: &mut BytesMut) {
     if !src.is_empty() && src.len() == src.capacity() && src.capacity() < BUSY_ROOM {
+        // `try_reclaim` never allocates: it succeeds only on a buffer that nothing else
+        // holds and whose allocation has the room.
+        if src.try_reclaim(BUSY_ROOM - src.len()) {
+            return;
+        }
         // A new buffer of exactly that size, not `reserve`: on a buffer no frame holds,
         // `reserve` grows the allocation in place, the room before its start included, and
         // the reader gives back only buffers of at most `BUSY_ROOM`.
@@ -149,7 +158,15 @@ impl Decoder for TutorialCodec {
         };
         let total = HEADER_LEN + len;
         if src.len() < total {
-            grow_if_filled(src);
+            // A frame that fits in the busy size: grow a filled buffer to it. A larger one
+            // gets room for itself below, in one allocation. Growing to the busy size first
+            // and then to the frame's made a stream of 1 MiB messages allocate and copy twice
+            // per message, and under glibc (the README's loop) took six times the CPU time
+            // per message, most of it page faults on memory the allocator had just given
+            // back to the kernel (docs/benchmarks.md).
+            if total <= BUSY_ROOM {
+                grow_if_filled(src);
+            }
             // Reserve for the rest of the frame so it is read with few system calls, but in
             // steps: a peer that announces a large frame and then stalls gets address space
             // only as its bytes actually arrive.

@@ -589,6 +589,54 @@ fn a_read_buffer_that_fills_grows_and_one_with_room_does_not() {
     assert_eq!(empty.capacity(), 0);
 }
 
+/// A filled buffer whose frames have all been dropped is used again, not replaced: a stream
+/// of 1 MiB messages otherwise took a fresh allocation for each, and a busy stream of small
+/// ones a fresh 256 KiB buffer per read. While a frame handed out still holds it, the part of
+/// the next frame moves to a new buffer: of the busy size for a small frame, of the frame's
+/// own size for a large one (one allocation, not the busy size first and then the frame's),
+/// and the frames handed out stay intact.
+#[test]
+fn a_filled_buffer_is_used_again_once_its_frames_are_dropped() {
+    for size in [64usize, 1 << 20] {
+        let payload = vec![9u8; size];
+        let wire: Vec<u8> = (0..8_000)
+            .flat_map(|_| frame(&payload))
+            .take(5 << 20)
+            .collect();
+        // Room for the frames of a busy read, or for one large frame, and part of the next.
+        let room = if size == 64 {
+            256 * 1024
+        } else {
+            size + 4 + 100
+        };
+        for keep in [false, true] {
+            let mut buf = BytesMut::with_capacity(room);
+            let filled = buf.capacity();
+            buf.extend_from_slice(&wire[..filled]);
+            let start = buf.as_ptr() as usize;
+            let mut codec = TutorialCodec::new();
+            let mut kept = Vec::new();
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                assert_eq!(f.len(), size);
+                if keep {
+                    kept.push(f);
+                }
+            }
+            let whole = filled / (size + 4) * (size + 4);
+            assert_eq!(&buf[..], &wire[whole..filled], "size {size}, keep {keep}");
+            if keep {
+                assert_ne!(buf.as_ptr() as usize, start, "size {size}");
+                let want = if size == 64 { 256 * 1024 } else { size + 4 };
+                assert_eq!(buf.capacity(), want, "size {size}");
+                assert!(kept.iter().all(|f| f.iter().all(|&b| b == 9)));
+            } else {
+                assert_eq!(buf.as_ptr() as usize, start, "size {size}: used again");
+                assert!(buf.capacity() >= 256 * 1024, "capacity {}", buf.capacity());
+            }
+        }
+    }
+}
+
 /// A stream's first bytes land in the few bytes of room an empty buffer takes for a read:
 /// the codec gives them an 8 KiB buffer. Only the first: the part of a frame left at the end
 /// of a filled 64 KiB buffer is as small, and must keep the room it was given.
