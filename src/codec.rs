@@ -142,8 +142,8 @@ impl Decoder for TutorialCodec {
         // an idle connection then holds none (8 KiB each, resident, measured with 10,000
         // idle connections). The first read lands in a buffer of a few bytes (the reader
         // asks for room for one); replacing that buffer (not `reserve`) makes 8 KiB the size
-        // later reallocations start from. From then on the buffer lives as usual: reclaimed
-        // in place once the frames handed out are dropped, never copied here.
+        // later reallocations start from. From then on the buffer is replaced only when a
+        // read fills it (`grow_if_filled`) or a frame needs more room (below).
         if self.first_read && !src.is_empty() {
             self.first_read = false;
             if src.capacity() < FIRST_READ {
